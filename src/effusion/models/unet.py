@@ -1,0 +1,115 @@
+"""The U-Net denoiser network (Ronneberger et al. 2015; Ho et al. 2020, appendix B).
+
+Input (B, C, H, W) plus integer timesteps (B,) and optional class labels (B,); output has
+the input's shape and means whatever the objective says (eps, v or x0). Any H, W >= 8
+works: downsampling rounds odd sizes up and upsampling restores the skip's exact size, so
+28x28 needs no padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from effusion.config import ModelConfig
+from effusion.models.layers import (Attention, Downsample, ResBlock, Upsample, norm,
+                                    timestep_embedding)
+
+
+class EmbedSequential(nn.ModuleList):
+    """A residual block optionally followed by attention, both taking the embedding."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb)
+        return x
+
+
+class UNet(nn.Module):
+    """U-Net with time (and optional class) conditioning.
+
+    Args:
+        cfg: widths, depth, attention resolutions, dropout, classes (see ModelConfig).
+        in_channels: image (or latent) channels.
+        image_size: spatial size, used to decide where attention goes.
+    """
+
+    def __init__(self, cfg: ModelConfig, in_channels: int, image_size: int):
+        super().__init__()
+        self.cfg, self.in_channels, self.image_size = cfg, in_channels, image_size
+        self.num_classes = cfg.num_classes
+        self.grad_checkpointing = False
+        ch, g, emb_dim = cfg.channels, cfg.norm_groups, 4 * cfg.channels
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # Index num_classes is the null class ("no label"), used for unconditional samples and
+        # for label dropout in classifier-free guidance training.
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+
+        def unit(cin: int, cout: int, res: int) -> EmbedSequential:
+            layers = [ResBlock(cin, cout, emb_dim, g, cfg.dropout)]
+            if res in cfg.attention_resolutions:
+                layers.append(Attention(cout, cfg.head_channels, g))
+            return EmbedSequential(layers)
+
+        self.down = nn.ModuleList()
+        skips, res, cur = [ch], image_size, ch
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(unit(cur, ch * mult, res))
+                cur = ch * mult
+                skips.append(cur)
+            if level < len(cfg.channel_mult) - 1:
+                self.down.append(Downsample(cur))
+                skips.append(cur)
+                res = (res + 1) // 2
+        self.mid = EmbedSequential([ResBlock(cur, cur, emb_dim, g, cfg.dropout),
+                                    Attention(cur, cfg.head_channels, g),
+                                    ResBlock(cur, cur, emb_dim, g, cfg.dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(unit(cur + skips.pop(), ch * mult, res))
+                cur = ch * mult
+            if level > 0:
+                self.up.append(Upsample(cur))
+                res = res * 2  # only used to place attention; exact sizes come from skips
+        self.norm_out = norm(cur, g)
+        self.conv_out = nn.Conv2d(cur, in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # predicts 0 at init: a stable start for any objective
+        nn.init.zeros_(self.conv_out.bias)
+
+    def _call(self, block: nn.Module, *args) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            # Recompute this block's activations in backward instead of storing them.
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                cond: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.channels).to(x.dtype))  # (B, 4ch)
+        if self.class_emb is not None:
+            if cond is None:
+                cond = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.class_emb(cond)
+        elif cond is not None:
+            raise ValueError("this model has no class embedding (model.num_classes = 0) "
+                             "but class labels were given")
+        h = self.conv_in(x)
+        hs = [h]
+        for block in self.down:
+            h = self._call(block, h, emb)
+            hs.append(h)
+        h = self._call(self.mid, h, emb)
+        for block in self.up:
+            if isinstance(block, Upsample):
+                h = block(h, hs[-1].shape[-2:])
+            else:
+                h = self._call(block, torch.cat([h, hs.pop()], dim=1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

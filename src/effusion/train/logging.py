@@ -1,0 +1,65 @@
+"""Metrics for machines (metrics.jsonl), for people (TensorBoard), only from rank 0."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class MetricsLogger:
+    """Append-only JSON Lines log plus TensorBoard scalars and images."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.is_file():
+            # Drop lines written after the checkpoint we resume from: they will be redone.
+            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._file = self.path.open("a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)
+        except ImportError:  # tensorboard is a dependency; tolerate a broken install
+            self._tb = None
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in values.items()}
+        self._file.write(json.dumps({"step": step, **clean}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        """uint8 (C, H, W) image to TensorBoard."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(tag, image, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]

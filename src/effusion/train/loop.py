@@ -1,0 +1,225 @@
+"""The training loop: one function, read top to bottom.
+
+Progress is counted in optimizer steps and images seen; training ends at
+`train.max_steps` or when `train.max_minutes` of wall time are spent, whichever is first.
+Running the same command with `--resume` continues from the latest checkpoint exactly as
+if the run had never stopped (same RNG streams, same data order).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from effusion.config import Config, ConfigError
+from effusion.data import BatchStream, augment, load_source, to_model_range
+from effusion.data.images import make_grid, save_png
+from effusion.diffusion import loss_weight, target
+from effusion.models import build_model, count_params
+from effusion.sampling import LoadedRun, generate, schedule_for
+from effusion.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
+                                       load_checkpoint_state, load_weights, save_checkpoint,
+                                       write_config)
+from effusion.train.ema import EMA
+from effusion.train.logging import MetricsLogger
+from effusion.train.optim import build_optimizer, lr_factor
+from effusion.train.precision import Precision, resolve_device, resolve_precision
+
+MAX_NONFINITE_IN_A_ROW = 10
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays NaN/Inf); the last checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    images_seen: int
+    loss: float
+    minutes: float
+    grid: Path | None
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, fresh: bool) -> Path | None:
+    """Check the run directory against the flags; return the checkpoint to resume from."""
+    if resume and fresh:
+        raise ConfigError("--resume and --fresh cannot be used together")
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise CheckpointError(f"--resume: no checkpoint found in {run_dir}")
+        return ckpt
+    if fresh:
+        for name in ("checkpoints", "samples", "tb", "metrics.jsonl"):
+            p = run_dir / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    elif list_checkpoints(run_dir):
+        raise CheckpointError(f"{run_dir} already holds a trained run; pass --resume to continue "
+                              "it, --fresh to start it over, or choose another --run directory")
+    return None
+
+
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Train the configured model, writing everything into `run_dir`."""
+    run_dir = Path(run_dir)
+    tc = cfg.train
+    ckpt = prepare_run_dir(run_dir, resume, fresh)
+
+    # --- device and precision, resolved once and recorded in the run's config
+    device = resolve_device(tc.device)
+    prec = Precision(device, resolve_precision(tc.precision, device))
+    cfg = replace(cfg, train=replace(tc, device=str(device), precision=prec.mode))
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+
+    # --- data, model, optimizer, EMA
+    data = load_source(cfg.data)
+    if cfg.model.num_classes and data.labels is None:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data source "
+                          f"{cfg.data.source!r} has no labels")
+    if cfg.model.num_classes and data.num_classes > cfg.model.num_classes:
+        raise ConfigError(f"data has {data.num_classes} classes but model.num_classes="
+                          f"{cfg.model.num_classes}")
+    schedule = schedule_for(cfg)
+    stream = BatchStream(data, tc.batch_size, tc.seed)
+    torch.manual_seed(tc.seed)  # parameter init and dropout
+    model = build_model(cfg).to(device)
+    mem_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    model.to(memory_format=mem_format)
+    ema = EMA(model, tc.ema_decay, tc.ema_warmup)
+    opt = build_optimizer(model, tc)
+    scaler = prec.make_scaler()
+    gen = torch.Generator().manual_seed(tc.seed + 1)  # timesteps, noise, augmentation
+    step, images_seen, elapsed, skipped = 0, 0, 0.0, 0
+
+    # --- resume: weights, optimizer, RNG streams and data position from the checkpoint
+    if ckpt is not None:
+        load_weights(ckpt / "model.safetensors", model)
+        state, opt_state, rng = load_checkpoint_state(ckpt)
+        load_weights(ckpt / "ema.safetensors", ema.model)
+        ema.updates = state["ema_updates"]
+        opt.load_state_dict(opt_state)
+        gen.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        stream.load_state_dict(state["data"])
+        step, images_seen = state["step"], state["images_seen"]
+        elapsed, skipped = state["elapsed_s"], state["skipped_steps"]
+    write_config(run_dir, cfg)
+    logger = MetricsLogger(run_dir, resume_step=step if ckpt is not None else None)
+
+    def progress_of(step: int, elapsed: float) -> float:
+        by_time = elapsed / (tc.max_minutes * 60) if tc.max_minutes else 0.0
+        return max(step / tc.max_steps, by_time)
+
+    def checkpoint() -> None:
+        rng = {"generator": gen.get_state(), "torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        state = {"images_seen": images_seen, "elapsed_s": elapsed, "skipped_steps": skipped,
+                 "ema_updates": ema.updates, "data": stream.state_dict()}
+        save_checkpoint(run_dir, step, model=model, ema=ema.state_dict(), optimizer=opt,
+                        rng=rng, state=state, keep=tc.keep_checkpoints)
+
+    def sample_grid() -> Path:
+        run = LoadedRun(run_dir, cfg, ema.model, schedule, step, prec)
+        images = generate(run, tc.sample_n, seed=tc.seed)
+        grid = make_grid(images)
+        logger.image("samples", grid, step)
+        return save_png(grid, run_dir / "samples" / f"step-{step:07d}.png",
+                        upscale=max(1, 64 // cfg.data.image_size))
+
+    print(f"effusion: training {count_params(model) / 1e6:.2f}M params on {len(data)} images "
+          f"({cfg.data.source}), {device.type} {prec.mode}, run dir {run_dir}")
+    bar = tqdm(total=100, unit="%", disable=not progress, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+    bar.update(min(100.0, 100 * progress_of(step, elapsed)))
+    t0, last_log_t, last_log_images = time.perf_counter() - elapsed, time.perf_counter(), images_seen
+    loss_sum, loss_n, last_loss, grid, in_a_row = 0.0, 0, math.nan, None, 0
+    model.train()
+    try:
+        while progress_of(step, elapsed) < 1.0:
+            # --- batch: augment, pick timesteps, noise it (all randomness from `gen`)
+            x_u8, labels = stream.next()
+            x0 = augment(to_model_range(x_u8), cfg.data, gen)
+            t = torch.randint(0, schedule.T, (x0.shape[0],), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            x_t = schedule.q_sample(x0, t, noise)
+            tgt = target(cfg.diffusion.prediction, schedule, x0, noise, t)
+            w = loss_weight(cfg.diffusion.prediction, cfg.diffusion.loss_weighting, schedule, t,
+                            cfg.diffusion.min_snr_gamma)
+            x_t = x_t.to(device, memory_format=mem_format, non_blocking=True)
+            tgt, w, t = tgt.to(device), w.to(device), t.to(device)
+            cond = labels.to(device) if cfg.model.num_classes else None
+
+            # --- forward and backward; the loss is reduced in fp32 whatever the precision
+            lr = tc.lr * lr_factor(step, progress_of(step, elapsed), tc.warmup_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with prec.autocast():
+                out = model(x_t, t, cond)
+            loss = ((out.float() - tgt) ** 2).mean(dim=(1, 2, 3)).mul(w).mean()
+            if not torch.isfinite(loss):
+                # Skip the update, keep the weights; give up if it persists.
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                opt.zero_grad(set_to_none=True)
+                if in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise TrainingError(
+                        f"loss was NaN/Inf for {in_a_row} steps in a row at step {step}; "
+                        f"the last checkpoint is kept. Try a lower train.lr (now {tc.lr:g}) "
+                        "or train.precision=fp32")
+                continue
+            in_a_row = 0
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                         if tc.grad_clip > 0 else torch.tensor(float("nan")))
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            ema.update(model)
+            step += 1
+            images_seen += x0.shape[0]
+            last_loss = loss.item()
+            loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
+            elapsed = time.perf_counter() - t0
+
+            # --- log, sample, checkpoint
+            if step % tc.log_every == 0:
+                now = time.perf_counter()
+                ips = (images_seen - last_log_images) / max(now - last_log_t, 1e-9)
+                logger.log(step, {"loss": loss_sum / loss_n, "lr": lr, "grad_norm": grad_norm.item(),
+                                  "images_per_s": ips, "images_seen": images_seen,
+                                  "elapsed_s": elapsed, "skipped_steps": skipped})
+                bar.set_postfix_str(f"step {step} loss {loss_sum / loss_n:.4f} {ips:.0f} img/s")
+                last_log_t, last_log_images, loss_sum, loss_n = now, images_seen, 0.0, 0
+            if tc.sample_every and step % tc.sample_every == 0:
+                grid = sample_grid()
+            if step % tc.checkpoint_every == 0:
+                checkpoint()
+            bar.update(min(100.0, 100 * progress_of(step, elapsed)) - bar.n)
+    except KeyboardInterrupt:
+        checkpoint()
+        bar.close()
+        print(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
+        raise
+    bar.close()
+
+    # --- finish: final checkpoint and sample grid
+    if not list_checkpoints(run_dir) or latest_checkpoint(run_dir).name != f"step-{step:07d}":
+        checkpoint()
+    if grid is None or grid.name != f"step-{step:07d}.png":
+        grid = sample_grid()
+    logger.close()
+    return TrainResult(run_dir, step, images_seen, last_loss, elapsed / 60, grid)

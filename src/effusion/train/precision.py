@@ -1,0 +1,65 @@
+"""Device and precision policy, chosen once and written into the run's config.
+
+bf16 autocast where the hardware has fast bf16 (AVX-512 BF16 / AMX CPUs, Ampere+ GPUs);
+fp16 autocast with a GradScaler as an option; fp32 otherwise. Autocast keeps reductions,
+norms and softmax in fp32 by its own op lists; the loss is computed in fp32 by the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from effusion.config import ConfigError
+
+Resolved = Literal["fp32", "bf16", "fp16"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available on this machine; "
+                          "use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # mkldnn reports whether the CPU has native bf16 (AVX-512 BF16 or AMX); without it
+    # bf16 is emulated and slower than fp32.
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> Resolved:
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    if precision == "bf16" and not bf16_supported(device):
+        raise ConfigError(f"train.precision=bf16 but {device.type} has no native bf16 support; "
+                          "use fp32 (or fp16 on CUDA)")
+    return precision  # type: ignore[return-value]
+
+
+@dataclass
+class Precision:
+    """How the forward pass runs and whether gradients are scaled."""
+
+    device: torch.device
+    mode: Resolved
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.mode]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.mode == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def make_scaler(self) -> torch.amp.GradScaler:
+        # Only fp16 needs loss scaling (its 5-bit exponent underflows small gradients).
+        return torch.amp.GradScaler(self.device.type, enabled=self.mode == "fp16")

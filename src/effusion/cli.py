@@ -79,6 +79,7 @@ def sample(
     out: Optional[Path] = typer.Option(None, "--out", help="Grid PNG (default RUN/samples.png)."),
     npy: Optional[Path] = typer.Option(None, "--npy", help="Also save uint8 N x H x W [x C] .npy."),
     device: str = typer.Option("auto", "--device"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 | auto (default: the run's)."),
 ) -> None:
     """Draw samples from a trained run and save them as a PNG grid (and .npy)."""
     import time
@@ -86,7 +87,7 @@ def sample(
     from effusion.data.images import save_grid, save_npy
     from effusion.sampling import generate, load_run
 
-    loaded = load_run(run, ema=ema, device=device)
+    loaded = load_run(run, ema=ema, device=device, precision=precision)
     t0 = time.perf_counter()
     images = generate(loaded, n, sampler=sampler, steps=steps, seed=seed, eta=eta)
     dt = time.perf_counter() - t0

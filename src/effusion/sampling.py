@@ -12,7 +12,7 @@ from effusion.data.loader import to_uint8
 from effusion.diffusion import SAMPLERS, NetworkDenoiser, Schedule, sample
 from effusion.models import UNet, build_model
 from effusion.train.checkpoint import CheckpointError, latest_checkpoint, load_weights, read_config
-from effusion.train.precision import Precision, resolve_device, resolve_precision
+from effusion.train.precision import Precision, bf16_supported, resolve_device, resolve_precision
 
 
 @dataclass
@@ -54,7 +54,10 @@ def load_run(run_dir: str | Path, ema: bool = True, device: str = "auto",
     if ckpt is None:
         raise CheckpointError(f"{run_dir} has no checkpoint yet (train it first)")
     dev = resolve_device(device)
-    prec = Precision(dev, resolve_precision(precision or cfg.train.precision, dev))
+    wanted = precision or cfg.train.precision
+    if precision is None and wanted != "fp32" and not (dev.type == "cuda" or bf16_supported(dev)):
+        wanted = "auto"  # the run's bf16/fp16 was chosen for the machine it trained on
+    prec = Precision(dev, resolve_precision(wanted, dev))
     model = build_model(cfg)
     load_weights(ckpt / ("ema.safetensors" if ema else "model.safetensors"), model)
     model.to(dev).eval()

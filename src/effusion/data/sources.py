@@ -81,7 +81,11 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if not path.is_file():
         raise DataError(f"npz file not found: {path}")
     try:
-        with np.load(path) as f:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise DataError(f"{path} is a single .npy array, not an .npz archive; save it "
+                            "with np.savez(path, images=..., labels=...)")
+        with f:
             if "images" not in f:
                 raise DataError(f"{path} has no array named 'images' (found: {', '.join(f.files)})")
             x = f["images"]

@@ -32,7 +32,8 @@ def timesteps(schedule: Schedule, steps: int, spacing: Spacing = "linspace") -> 
     elif spacing == "leading":
         ts = torch.arange(steps) * (T // steps)
     elif spacing == "trailing":
-        ts = torch.arange(T, 0, -T / steps).round().long() - 1
+        # k = 0..steps-1 only, so the smallest is round(T / steps) - 1 >= 0.
+        ts = (T - torch.arange(steps) * (T / steps)).round().long() - 1
     else:
         raise ValueError(f"unknown spacing {spacing!r}; choose linspace, leading or trailing")
     return sorted(set(ts.tolist()), reverse=True)

@@ -51,7 +51,7 @@ class Attention(nn.Module):
 
     def __init__(self, channels: int, head_channels: int, groups: int):
         super().__init__()
-        self.heads = max(1, channels // head_channels)
+        self.heads = channels // head_channels if channels % head_channels == 0 else 1
         self.norm = norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)

@@ -56,7 +56,9 @@ class UNet(nn.Module):
 
         self.down = nn.ModuleList()
         skips, res, cur = [ch], image_size, ch
+        level_res = []  # feature-map size at each level, reused by the decoder
         for level, mult in enumerate(cfg.channel_mult):
+            level_res.append(res)
             for _ in range(cfg.num_res_blocks):
                 self.down.append(unit(cur, ch * mult, res))
                 cur = ch * mult
@@ -71,11 +73,10 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(unit(cur + skips.pop(), ch * mult, res))
+                self.up.append(unit(cur + skips.pop(), ch * mult, level_res[level]))
                 cur = ch * mult
             if level > 0:
-                self.up.append(Upsample(cur))
-                res = res * 2  # only used to place attention; exact sizes come from skips
+                self.up.append(Upsample(cur))  # to the skip's exact size
         self.norm_out = norm(cur, g)
         self.conv_out = nn.Conv2d(cur, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # predicts 0 at init: a stable start for any objective

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from effusion.config import Config, ConfigError, config_from_dict
@@ -116,7 +117,7 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
     """Load a safetensors state dict into `model`, with a clear error on mismatch."""
     try:
         sd = load_file(str(path))
-    except Exception as e:  # safetensors raises several types for corrupt files
+    except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot read weights {path}: {e}") from None
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -145,6 +146,6 @@ def load_checkpoint_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any],
         opt = _unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")),
                                    state.pop("optimizer"))
         rng = load_file(str(ckpt / "rng.safetensors"))
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete or corrupt: {e}") from None
     return state, opt, rng

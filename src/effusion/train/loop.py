@@ -116,6 +116,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
         stream.load_state_dict(state["data"])
         step, images_seen = state["step"], state["images_seen"]
         elapsed, skipped = state["elapsed_s"], state["skipped_steps"]
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
     write_config(run_dir, cfg)
     logger = MetricsLogger(run_dir, resume_step=step if ckpt is not None else None)
 
@@ -129,6 +131,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
             rng["cuda"] = torch.cuda.get_rng_state(device)
         state = {"images_seen": images_seen, "elapsed_s": elapsed, "skipped_steps": skipped,
                  "ema_updates": ema.updates, "data": stream.state_dict()}
+        if scaler.is_enabled():
+            state["scaler"] = scaler.state_dict()
         save_checkpoint(run_dir, step, model=model, ema=ema.state_dict(), optimizer=opt,
                         rng=rng, state=state, keep=tc.keep_checkpoints)
 

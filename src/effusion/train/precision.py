@@ -36,6 +36,8 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> Resolved:
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision {precision!r} is not one of 'auto', 'fp32', 'bf16', 'fp16'")
     if precision == "auto":
         return "bf16" if bf16_supported(device) else "fp32"
     if precision == "bf16" and not bf16_supported(device):

@@ -1,0 +1,132 @@
+"""The `effusion` command line: one-line user errors, train -> sample -> info end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from effusion.cli import app
+
+from conftest import TINY_OVERRIDES
+
+
+def _set_args(*extra: str) -> list[str]:
+    args = []
+    for item in list(TINY_OVERRIDES) + list(extra):
+        args += ["--set", item]
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 3-step tiny run trained through the CLI (shared by the read-only tests below)."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    result = CliRunner().invoke(app, ["train", "--run", str(run), "--quiet",
+                                      *_set_args("train.max_steps=3")])
+    assert result.exit_code == 0, result.output
+    assert "trained 3 steps (24 images)" in result.output
+    return run
+
+
+def test_bad_set_key_exits_2_with_valid_keys(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--run", str(tmp_path / "r"),
+                                      "--set", "train.learning_rate=1e-3"])
+    assert result.exit_code == 2
+    assert "error: unknown config key train.learning_rate" in result.output
+    assert "valid keys in train:" in result.output and "batch_size" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()  # nothing was written
+
+
+def test_malformed_set_and_missing_config_exit_2(tmp_path):
+    r = CliRunner().invoke(app, ["train", "--run", str(tmp_path / "r"), "--set", "foo"])
+    assert r.exit_code == 2 and "--set expects key=value" in r.output
+    r = CliRunner().invoke(app, ["train", "--run", str(tmp_path / "r"),
+                                 "--config", str(tmp_path / "nope.yaml")])
+    assert r.exit_code == 2 and "config file not found" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_train_then_sample_writes_png_and_npy(trained_run, tmp_path):
+    assert (trained_run / "checkpoints" / "step-0000003").is_dir()
+    out, npy = tmp_path / "grid.png", tmp_path / "out.npy"
+    r = CliRunner().invoke(app, ["sample", "--run", str(trained_run), "--n", "6",
+                                 "--out", str(out), "--npy", str(npy), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "6 samples from step 3" in r.output
+    arr = np.load(npy)
+    assert arr.dtype == np.uint8 and arr.shape == (6, 16, 16)
+    img = Image.open(out)
+    assert img.format == "PNG"
+    # 6 images -> 3 per row, 2 rows of 16 px with 2 px padding, upscaled 64 // 16 = 4x
+    assert img.size == ((3 * 18 + 2) * 4, (2 * 18 + 2) * 4)
+    # the same seed gives the same samples, another seed other samples
+    npy2, npy3 = tmp_path / "b.npy", tmp_path / "c.npy"
+    for path, seed in ((npy2, "0"), (npy3, "1")):
+        r = CliRunner().invoke(app, ["sample", "--run", str(trained_run), "--n", "6",
+                                     "--out", str(tmp_path / "g.png"), "--npy", str(path),
+                                     "--seed", seed, "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+    assert np.array_equal(np.load(npy2), arr)
+    assert not np.array_equal(np.load(npy3), arr)
+
+
+def test_sample_default_output_and_sampler_choice(trained_run):
+    r = CliRunner().invoke(app, ["sample", "--run", str(trained_run), "--n", "2",
+                                 "--sampler", "ddim", "--steps", "4", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert (trained_run / "samples.png").is_file()
+    r = CliRunner().invoke(app, ["sample", "--run", str(trained_run), "--n", "2",
+                                 "--sampler", "euler", "--device", "cpu"])
+    assert r.exit_code == 2 and "unknown sampler 'euler'" in r.output
+    r = CliRunner().invoke(app, ["sample", "--run", str(trained_run), "--n", "2",
+                                 "--steps", "5000", "--device", "cpu"])
+    assert r.exit_code == 2 and "steps must be between 1 and 50" in r.output
+
+
+def test_sample_ddim_with_any_step_count(trained_run, tmp_path):
+    """Regression: T=50 with 29 trailing steps used to visit t=-1 and divide by zero."""
+    r = CliRunner().invoke(app, ["sample", "--run", str(trained_run), "--n", "2", "--sampler",
+                                 "ddim", "--steps", "29", "--out", str(tmp_path / "g.png"),
+                                 "--device", "cpu"])
+    assert r.exit_code == 0, f"{r.output}\n{r.exception!r}"
+
+
+def test_info_json(trained_run):
+    r = CliRunner().invoke(app, ["info", "--run", str(trained_run), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["step"] == 3
+    assert info["checkpoints"] == ["step-0000003"]
+    assert info["last_metrics"]["step"] == 3
+    assert info["config"]["model"]["channels"] == 8
+    assert info["config"]["train"]["precision"] == "fp32"
+    assert isinstance(info["params"], int) and info["params"] > 0
+    r = CliRunner().invoke(app, ["info", "--run", str(trained_run)])
+    assert r.exit_code == 0 and "step:        3" in r.output
+
+
+def test_train_again_without_resume_exits_2(trained_run):
+    r = CliRunner().invoke(app, ["train", "--run", str(trained_run), "--quiet", *_set_args()])
+    assert r.exit_code == 2
+    assert "already holds a trained run" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["train", "--run", str(trained_run), "--resume",
+                                 "--config", "whatever.yaml"])
+    assert r.exit_code == 2 and "drop --config" in r.output
+
+
+def test_sample_missing_run_exits_2(tmp_path):
+    missing = tmp_path / "no-such-run"
+    r = CliRunner().invoke(app, ["sample", "--run", str(missing), "--n", "2"])
+    assert r.exit_code == 2
+    assert f"error: run directory not found: {missing}" in r.output
+    assert "Traceback" not in r.output
+    missing.mkdir()
+    r = CliRunner().invoke(app, ["sample", "--run", str(missing)])
+    assert r.exit_code == 2 and "is not a run directory" in r.output
+    r = CliRunner().invoke(app, ["info", "--run", str(missing)])
+    assert r.exit_code == 2 and "is not a run directory" in r.output

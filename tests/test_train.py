@@ -1,0 +1,187 @@
+"""The training loop: exact resume, learning, run-directory rules, NaN handling."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import effusion.train.loop as loop
+from effusion.config import ConfigError
+from effusion.data import BatchStream, load_source, to_model_range
+from effusion.diffusion import loss_weight, target
+from effusion.models import build_model
+from effusion.sampling import schedule_for
+from effusion.train.checkpoint import CheckpointError, list_checkpoints, load_weights, read_config
+from effusion.train.logging import read_metrics
+from effusion.train.loop import TrainingError, train
+
+# Augmentation and dropout on, so resuming must restore the training generator *and*
+# torch's global RNG to reproduce the uninterrupted run.
+RESUME_OVERRIDES = ["train.max_steps=8", "train.checkpoint_every=4", "train.keep_checkpoints=3",
+                    "data.translate=2", "data.hflip=true", "data.rotate=10",
+                    "model.dropout=0.1", "train.warmup_steps=3"]
+
+
+def _weights(path):
+    return load_file(str(path))
+
+
+def test_resume_equals_uninterrupted(tmp_path, make_cfg):
+    cfg = make_cfg(*RESUME_OVERRIDES)
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    res_a = train(cfg, run_a, progress=False)
+    assert res_a.step == 8 and res_a.images_seen == 8 * cfg.train.batch_size
+    assert [p.name for p in list_checkpoints(run_a)] == ["step-0000004", "step-0000008"]
+
+    # B is A "crashed" right after the step-4 checkpoint: the step-8 checkpoint is gone
+    # and metrics.jsonl still holds lines past step 4 that the resume must drop.
+    shutil.copytree(run_a, run_b)
+    shutil.rmtree(run_b / "checkpoints" / "step-0000008")
+    res_b = train(read_config(run_b), run_b, resume=True, progress=False)
+    assert res_b.step == 8 and res_b.images_seen == res_a.images_seen
+
+    ma, mb = read_metrics(run_a), read_metrics(run_b)
+    assert [m["step"] for m in ma] == list(range(1, 9))
+    assert [m["step"] for m in mb] == list(range(1, 9))  # no duplicated or missing steps
+    for a, b in zip(ma, mb):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6, rel=0), a["step"]
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+        assert b["images_seen"] == a["images_seen"]
+    assert res_b.loss == pytest.approx(res_a.loss, abs=1e-6)
+
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        wa = _weights(run_a / "checkpoints" / "step-0000008" / name)
+        wb = _weights(run_b / "checkpoints" / "step-0000008" / name)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=f"{name}:{k}")
+    sa = (run_a / "checkpoints" / "step-0000008" / "state.json").read_text()
+    sb = (run_b / "checkpoints" / "step-0000008" / "state.json").read_text()
+    ja, jb = json.loads(sa), json.loads(sb)
+    for k in ("images_seen", "ema_updates", "data", "skipped_steps", "step"):
+        assert ja[k] == jb[k], k
+
+
+def _fixed_eval_loss(cfg, model, n=64):
+    """Weighted training loss of `model` on a fixed batch, timesteps and noise."""
+    data = load_source(cfg.data)
+    x0 = to_model_range(BatchStream(data, n, seed=123).next()[0])
+    sch = schedule_for(cfg)
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(0, sch.T, (n,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    x_t = sch.q_sample(x0, t, noise)
+    tgt = target(cfg.diffusion.prediction, sch, x0, noise, t)
+    w = loss_weight(cfg.diffusion.prediction, cfg.diffusion.loss_weighting, sch, t,
+                    cfg.diffusion.min_snr_gamma)
+    model.eval()
+    with torch.no_grad():
+        out = model(x_t, t)
+    return (((out - tgt) ** 2).mean(dim=(1, 2, 3)) * w).mean().item()
+
+
+def test_training_lowers_the_loss(run_dir, make_cfg):
+    cfg = make_cfg("train.max_steps=60", "train.batch_size=16", "train.log_every=5",
+                   "train.warmup_steps=5", "train.ema_decay=0.9")
+    res = train(cfg, run_dir, progress=False)
+    assert res.step == 60 and res.images_seen == 960
+    untrained = build_model(cfg)
+    trained = build_model(cfg)
+    load_weights(run_dir / "checkpoints" / "step-0000060" / "model.safetensors", trained)
+    before, after = _fixed_eval_loss(cfg, untrained), _fixed_eval_loss(cfg, trained)
+    assert after < 0.7 * before, (before, after)
+    ema = build_model(cfg)
+    load_weights(run_dir / "checkpoints" / "step-0000060" / "ema.safetensors", ema)
+    assert _fixed_eval_loss(cfg, ema) < 0.85 * before
+    m = read_metrics(run_dir)
+    assert [r["step"] for r in m] == list(range(5, 61, 5))
+    assert m[-1]["lr"] < m[1]["lr"]  # cosine decay after warm-up
+    assert all(r["skipped_steps"] == 0 for r in m)
+    # the end-of-run sample grid exists and is a PNG
+    assert res.grid is not None and res.grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_directory_rules(run_dir, make_cfg):
+    cfg = make_cfg("train.max_steps=2")
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        train(cfg, run_dir, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="cannot be used together"):
+        train(cfg, run_dir, resume=True, fresh=True, progress=False)
+    first = train(cfg, run_dir, progress=False)
+    w1 = _weights(run_dir / "checkpoints" / "step-0000002" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="--resume .* --fresh"):
+        train(cfg, run_dir, progress=False)
+    # resume at max_steps does no extra work and keeps the checkpoint
+    again = train(cfg, run_dir, resume=True, progress=False)
+    assert again.step == first.step == 2
+    # --fresh starts over; training is deterministic, so it lands on the same weights
+    train(cfg, run_dir, fresh=True, progress=False)
+    w2 = _weights(run_dir / "checkpoints" / "step-0000002" / "model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+    # resume may extend the run
+    more = train(make_cfg("train.max_steps=3"), run_dir, resume=True, progress=False)
+    assert more.step == 3
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-0000002", "step-0000003"]
+
+
+def test_labels_required_for_class_conditional_model(tmp_path, make_cfg):
+    import numpy as np
+
+    np.savez(tmp_path / "nolabels.npz", images=np.zeros((8, 16, 16), np.uint8))
+    cfg = make_cfg(f"data.source=npz:{tmp_path / 'nolabels.npz'}", "model.num_classes=10")
+    with pytest.raises(ConfigError, match="has no labels"):
+        train(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="data has 10 classes but model.num_classes=3"):
+        train(make_cfg("model.num_classes=3"), tmp_path / "run2", progress=False)
+
+
+class _NaNAfter(torch.nn.Module):
+    """Wraps the real U-Net; its output is NaN on the calls listed in `nan_calls`."""
+
+    def __init__(self, inner, nan_calls):
+        super().__init__()
+        self.inner, self.nan_calls, self.calls = inner, nan_calls, 0
+
+    def forward(self, x, t, cond=None):
+        out = self.inner(x, t, cond)
+        self.calls += 1
+        return out * float("nan") if (self.calls - 1) in self.nan_calls else out
+
+
+def test_persistent_nan_loss_stops_training_without_updating(run_dir, make_cfg, monkeypatch):
+    built = {}
+    real_build = loop.build_model
+
+    def build(cfg):
+        m = _NaNAfter(real_build(cfg), nan_calls=range(10**9))
+        built["model"] = m
+        built["init"] = {k: v.clone() for k, v in m.state_dict().items()}
+        return m
+
+    monkeypatch.setattr(loop, "build_model", build)
+    cfg = make_cfg("train.max_steps=50")
+    with pytest.raises(TrainingError, match="NaN") as e:
+        train(cfg, run_dir, progress=False)
+    assert f"{loop.MAX_NONFINITE_IN_A_ROW} steps in a row at step 0" in str(e.value)
+    m = built["model"]
+    assert m.calls == loop.MAX_NONFINITE_IN_A_ROW
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, built["init"][k]), k
+    assert all(p.grad is None for p in m.parameters())
+    assert list_checkpoints(run_dir) == []
+
+
+def test_occasional_nan_steps_are_skipped(run_dir, make_cfg, monkeypatch):
+    real_build = loop.build_model
+    monkeypatch.setattr(loop, "build_model", lambda cfg: _NaNAfter(real_build(cfg), {1, 2, 5}))
+    res = train(make_cfg("train.max_steps=4"), run_dir, progress=False)
+    assert res.step == 4
+    m = read_metrics(run_dir)
+    assert [r["step"] for r in m] == [1, 2, 3, 4]
+    assert [r["skipped_steps"] for r in m] == [0, 2, 2, 3]  # NaN on forward calls 1, 2 and 5
+    assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in m)

@@ -54,7 +54,7 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64
+    batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100

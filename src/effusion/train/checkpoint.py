@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from effusion.config import Config, ConfigError, config_from_dict
-
-import yaml
 
 CKPT_DIR = "checkpoints"
 

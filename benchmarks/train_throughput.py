@@ -54,9 +54,9 @@ def run_variant(variant: str, precision: str, steps: int, warmup: int, batch: in
 
     from effusion.config import load_config
     from effusion.data import BatchStream, load_source, to_model_range
-    from effusion.diffusion import loss_weight, target
     from effusion.models import build_model
     from effusion.sampling import schedule_for
+    from effusion.train.objective import diffusion_loss
     from effusion.train.optim import build_optimizer
     from effusion.train.precision import Precision, resolve_device, resolve_precision
 
@@ -66,10 +66,10 @@ def run_variant(variant: str, precision: str, steps: int, warmup: int, batch: in
     torch.manual_seed(0)
     if variant == "effusion":
         model = build_model(cfg).to(device)
-        forward = lambda x, t: model(x, t)  # noqa: E731
+        forward = model
     else:
         model = _diffusers_unet(cfg.model.channels, cfg.data.image_size, cfg.data.channels).to(device)
-        forward = lambda x, t: model(x, t).sample  # noqa: E731
+        forward = lambda x, t, cond: model(x, t).sample  # noqa: E731
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg.train)
@@ -83,15 +83,7 @@ def run_variant(variant: str, precision: str, steps: int, warmup: int, batch: in
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         x0 = to_model_range(stream.next()[0])
-        t = torch.randint(0, schedule.T, (x0.shape[0],), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        x_t = schedule.q_sample(x0, t, noise).to(device)
-        tgt = target(cfg.diffusion.prediction, schedule, x0, noise, t).to(device)
-        w = loss_weight(cfg.diffusion.prediction, cfg.diffusion.loss_weighting, schedule, t,
-                        cfg.diffusion.min_snr_gamma).to(device)
-        with prec.autocast():
-            out = forward(x_t, t.to(device))
-        loss = ((out.float() - tgt) ** 2).mean(dim=(1, 2, 3)).mul(w).mean()
+        loss = diffusion_loss(forward, x0, None, cfg.diffusion, schedule, gen, prec)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

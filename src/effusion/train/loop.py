@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from effusion.config import Config, ConfigError
 from effusion.data import BatchStream, augment, load_source, to_model_range
 from effusion.data.images import make_grid, save_png
-from effusion.diffusion import loss_weight, target
 from effusion.models import build_model, count_params
 from effusion.sampling import LoadedRun, generate, schedule_for
 from effusion.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
@@ -28,6 +27,7 @@ from effusion.train.checkpoint import (CheckpointError, latest_checkpoint, list_
                                        write_config)
 from effusion.train.ema import EMA
 from effusion.train.logging import MetricsLogger
+from effusion.train.objective import diffusion_loss
 from effusion.train.optim import build_optimizer, lr_factor
 from effusion.train.precision import Precision, resolve_device, resolve_precision
 
@@ -154,26 +154,16 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
     model.train()
     try:
         while progress_of(step, elapsed) < 1.0:
-            # --- batch: augment, pick timesteps, noise it (all randomness from `gen`)
+            # --- batch: augment (all randomness from `gen`, so resume is exact)
             x_u8, labels = stream.next()
             x0 = augment(to_model_range(x_u8), cfg.data, gen)
-            t = torch.randint(0, schedule.T, (x0.shape[0],), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
-            x_t = schedule.q_sample(x0, t, noise)
-            tgt = target(cfg.diffusion.prediction, schedule, x0, noise, t)
-            w = loss_weight(cfg.diffusion.prediction, cfg.diffusion.loss_weighting, schedule, t,
-                            cfg.diffusion.min_snr_gamma)
-            x_t = x_t.to(device, memory_format=mem_format, non_blocking=True)
-            tgt, w, t = tgt.to(device), w.to(device), t.to(device)
             cond = labels.to(device) if cfg.model.num_classes else None
 
             # --- forward and backward; the loss is reduced in fp32 whatever the precision
             lr = tc.lr * lr_factor(step, progress_of(step, elapsed), tc.warmup_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
-            with prec.autocast():
-                out = model(x_t, t, cond)
-            loss = ((out.float() - tgt) ** 2).mean(dim=(1, 2, 3)).mul(w).mean()
+            loss = diffusion_loss(model, x0, cond, cfg.diffusion, schedule, gen, prec, mem_format)
             if not torch.isfinite(loss):
                 # Skip the update, keep the weights; give up if it persists.
                 skipped, in_a_row = skipped + 1, in_a_row + 1

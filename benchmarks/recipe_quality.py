@@ -7,7 +7,9 @@ digits:
   - confidence: mean max-softmax probability (recognisable digits score near 1)
   - coverage: entropy of the predicted-class histogram / log(10) (1 = all classes evenly)
 The "real" row scores 1,000 real images the same way: the floor a perfect model reaches.
-(The full metric suite with KID, precision/recall and bits/dim is `effusion evaluate`'s job.)
+This script reproduces the README's recipe tables, measured before `effusion evaluate`
+existed; new measurements should use `effusion evaluate` (a different feature network,
+so its figures are not comparable with these).
 
     python benchmarks/recipe_quality.py RUN_DIR [RUN_DIR ...] [--n 1000] [--sampler S --steps N]
 """
@@ -26,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from effusion.config import DataConfig
 from effusion.data import load_source, to_model_range
+from effusion.evaluate.metrics import fid
 
 CACHE = Path("benchmarks/results/mnist_feature_cnn.safetensors")  # not committed
 
@@ -70,23 +73,14 @@ def feature_net(x: torch.Tensor, y: torch.Tensor) -> FeatureCNN:
     return net.eval()
 
 
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy import linalg
-
-    m1, m2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2).real
-    return float(((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-
-
 @torch.no_grad()
-def score(net: FeatureCNN, real_feats: np.ndarray, images: torch.Tensor) -> dict[str, float]:
+def score(net: FeatureCNN, real_feats: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
     feats = net.features(images)
     probs = F.softmax(net.head(feats), 1)
     hist = torch.bincount(probs.argmax(1), minlength=10).double()
     hist /= hist.sum()
     coverage = float(-(hist * torch.log(hist + 1e-12)).sum() / np.log(10))
-    return {"fid_cnn": round(frechet(real_feats, feats.double().numpy()), 2),
+    return {"fid_cnn": round(fid(real_feats, feats.double()), 2),
             "confidence": round(probs.max(1).values.mean().item(), 3),
             "coverage": round(coverage, 3)}
 
@@ -108,7 +102,7 @@ def main() -> None:
     x, y = to_model_range(data.images), data.labels
     net = feature_net(x, y)
     with torch.no_grad():
-        real_feats = net.features(x).double().numpy()
+        real_feats = net.features(x).double()
     subset = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:args.n]
     rows = [{"run": "real (1,000 held images)", **score(net, real_feats, x[subset])}]
     for run_dir in args.runs:

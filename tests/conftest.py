@@ -92,3 +92,32 @@ def make_cfg():
 def run_dir(tmp_path: Path) -> Path:
     """A not-yet-existing run directory inside pytest's tmp dir."""
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Tests never read or write the user's ~/.cache/effusion."""
+    import os
+
+    old = os.environ.get("EFFUSION_CACHE")
+    os.environ["EFFUSION_CACHE"] = str(tmp_path_factory.mktemp("effusion-cache"))
+    yield
+    if old is None:
+        os.environ.pop("EFFUSION_CACHE", None)
+    else:
+        os.environ["EFFUSION_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def feature_classifier(_private_cache):
+    """The default feature classifier for mnist5k at 28px, trained once per session with
+    the shipped recipe (about half a minute) into the private cache, where `effusion
+    evaluate` without --features finds it."""
+    from effusion.config import DataConfig
+    from effusion.evaluate.features import default_feature_classifier
+
+    torch.set_num_threads(2)  # the one heavy job of the session
+    try:
+        return default_feature_classifier(DataConfig())
+    finally:
+        torch.set_num_threads(1)

@@ -130,3 +130,85 @@ def test_sample_missing_run_exits_2(tmp_path):
     assert r.exit_code == 2 and "is not a run directory" in r.output
     r = CliRunner().invoke(app, ["info", "--run", str(missing)])
     assert r.exit_code == 2 and "is not a run directory" in r.output
+
+
+@pytest.fixture(scope="module")
+def cli_classifier(tmp_path_factory):
+    """A 1-epoch MLP on 16px digits, trained through `effusion classifier train`."""
+    run = tmp_path_factory.mktemp("cli-clf") / "clf"
+    result = CliRunner().invoke(app, [
+        "classifier", "train", "--arch", "mlp", "--epochs", "1", "--optimizer", "rmsprop",
+        "--lr", "1e-3", "--lr-schedule", "none", "--augment", "flip,rotate", "--run", str(run),
+        "--quiet", "--set", "data.image_size=16", "--set", "train.threads=1"])
+    assert result.exit_code == 0, result.output
+    assert "held-out accuracy" in result.output and (run / "curves.png").is_file()
+    return run
+
+
+def test_classifier_train_records_flags_in_config(cli_classifier):
+    from effusion.train.checkpoint import read_config
+
+    cfg = read_config(cli_classifier)
+    assert (cfg.model.arch, cfg.train.optimizer, cfg.train.lr, cfg.train.lr_schedule) == \
+        ("mlp", "rmsprop", 1e-3, "none")
+    assert (cfg.data.hflip, cfg.data.rotate, cfg.data.translate) == (True, 10.0, 0)
+    assert cfg.train.epochs == 1 and cfg.model.dropout == 0.2  # recipe default kept
+
+
+def test_classifier_bad_augment_exits_2(tmp_path):
+    result = CliRunner().invoke(app, ["classifier", "train", "--augment", "rotate,zoom",
+                                      "--run", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "--augment: unknown zoom" in result.output
+
+
+def test_classifier_quantize_json(cli_classifier, tmp_path):
+    out = tmp_path / "q"
+    result = CliRunner().invoke(app, ["classifier", "quantize", "--run", str(cli_classifier),
+                                      "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["bytes_int8"] < report["bytes_fp32"]
+    assert {"latency_ms_per_256_fp32", "latency_ms_per_256_int8", "val_acc_fp32",
+            "val_acc_int8"} <= set(report)
+    assert (out / "quantized.safetensors").is_file()
+
+
+def test_evaluate_cli_json_and_images(trained_run, cli_classifier, tmp_path):
+    result = CliRunner().invoke(app, ["evaluate", "--run", str(trained_run), "--n", "30",
+                                      "--steps", "2", "--features", str(cli_classifier),
+                                      "--bpd-n", "4", "--bpd-strata", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.output)
+    assert {"fid", "kid", "precision", "recall", "coverage"} <= set(m)
+    assert "class_accuracy" not in m  # unconditional run
+    assert (trained_run / "metrics.json").is_file()
+    # Samples written by `sample --npy` score the same way through --images.
+    npy = tmp_path / "s.npy"
+    assert CliRunner().invoke(app, ["sample", "--run", str(trained_run), "--n", "20", "--steps",
+                                    "2", "--npy", str(npy), "--out", str(tmp_path / "g.png")]
+                              ).exit_code == 0
+    result = CliRunner().invoke(app, ["evaluate", "--images", str(npy), "--features",
+                                      str(cli_classifier)])
+    assert result.exit_code == 0, result.output
+    assert "| fid |" in result.output and "real floor" in result.output
+
+
+@pytest.mark.parametrize("args,msg", [
+    ([], "exactly one of --run DIR or --images"),
+    (["--images", "nope.npy"], "image array not found"),
+])
+def test_evaluate_cli_errors(args, msg):
+    result = CliRunner().invoke(app, ["evaluate", *args])
+    assert result.exit_code == 2 and msg in result.output
+
+
+def test_evaluate_features_must_match_images(trained_run, tmp_path):
+    # The feature classifier of the cached default is 28px; these images are 16px.
+    np.save(tmp_path / "x.npy", np.zeros((20, 16, 16), np.uint8))
+    clf = tmp_path / "c28"
+    assert CliRunner().invoke(app, ["classifier", "train", "--arch", "mlp", "--epochs", "1",
+                                    "--run", str(clf), "--quiet", "--set", "data.limit=200",
+                                    "--set", "train.threads=1"]).exit_code == 0
+    result = CliRunner().invoke(app, ["evaluate", "--images", str(tmp_path / "x.npy"),
+                                      "--features", str(clf)])
+    assert result.exit_code == 2 and "16px" in result.output and "28px" in result.output

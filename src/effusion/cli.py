@@ -80,16 +80,22 @@ def sample(
     npy: Optional[Path] = typer.Option(None, "--npy", help="Also save uint8 N x H x W [x C] .npy."),
     device: str = typer.Option("auto", "--device"),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 | auto (default: the run's)."),
+    classes: Optional[str] = typer.Option(None, "--class", help="Class-conditional runs: a class, a comma list, or all (default all, evenly)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance weight (0 = unconditional, 1 = conditional; default: the run's)."),
 ) -> None:
     """Draw samples from a trained run and save them as a PNG grid (and .npy)."""
     import time
 
     from effusion.data.images import save_grid, save_npy
-    from effusion.sampling import generate, load_run
+    from effusion.sampling import class_labels, generate, load_run
 
     loaded = load_run(run, ema=ema, device=device, precision=precision)
+    if classes is not None and not loaded.num_classes:
+        raise ConfigError("--class needs a class-conditional run (model.num_classes > 0)")
+    cond = class_labels(classes, n, loaded.num_classes) if loaded.num_classes else None
     t0 = time.perf_counter()
-    images = generate(loaded, n, sampler=sampler, steps=steps, seed=seed, eta=eta)
+    images = generate(loaded, n, sampler=sampler, steps=steps, seed=seed, eta=eta, cond=cond,
+                      guidance=guidance)
     dt = time.perf_counter() - t0
     out = out or run / "samples.png"
     nrow = 10 if n % 10 == 0 and n >= 50 else None
@@ -132,6 +138,134 @@ def info(
         typer.echo("last metrics: " + ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics[-1].items()))
     typer.echo("config:\n" + "\n".join("  " + ln for ln in cfg.to_yaml().splitlines()))
+
+
+classifier_app = typer.Typer(no_args_is_help=True, help="Train and quantize the small image "
+                             "classifiers (the feature networks of `effusion evaluate`).")
+app.add_typer(classifier_app, name="classifier")
+
+AUGMENTATIONS = {"flip": "data.hflip=true", "rotate": "data.rotate=10", "crop": "data.translate=2"}
+
+
+@classifier_app.command("train")
+@user_errors
+def classifier_train(
+    data: str = typer.Option("mnist5k", "--data", help="mnist5k | digits | folder:PATH | npz:PATH"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="mlp (784-128-64-10) | cnn (default cnn)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam | adamw | rmsprop | sgd (default adam)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Default 0.002."),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="step | cosine | none (default step)."),
+    step_every: Optional[int] = typer.Option(None, "--step-every", help="Step schedule: decay every N epochs (default 5)."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="Step schedule: LR multiplier per decay (default 0.3)."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Default 0.2."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Default 0."),
+    augment: Optional[str] = typer.Option(None, "--augment",
+                                          help="Comma list of flip, rotate, crop, or none (default rotate,crop)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Default 15."),
+    set_: list[str] = typer.Option([], "--set", help="Any other config value, e.g. train.batch_size=128."),
+    run: Path = typer.Option(Path("runs/classifier"), "--run", help="Run directory to write."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete this run's old checkpoints first."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train a classifier through the same loop (and switches) as the diffusion model."""
+    from effusion.classify import classifier_config
+    from effusion.train.loop import train as train_fn
+
+    flags = {"model.arch": arch, "train.optimizer": optimizer, "train.lr": lr,
+             "train.lr_schedule": lr_schedule, "train.lr_step_every": step_every,
+             "train.lr_gamma": gamma, "model.dropout": dropout,
+             "train.weight_decay": weight_decay, "train.epochs": epochs}
+    overrides = [f"data.source={data}"] + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if augment is not None:
+        augs = [a.strip() for a in augment.split(",") if a.strip() and a.strip() != "none"]
+        bad = [a for a in augs if a not in AUGMENTATIONS]
+        if bad:
+            raise ConfigError(f"--augment: unknown {', '.join(bad)}; choose from "
+                              f"{', '.join(AUGMENTATIONS)} (or none)")
+        overrides += ["data.hflip=false", "data.rotate=0", "data.translate=0"]
+        overrides += [AUGMENTATIONS[a] for a in augs]
+    overrides += list(set_)
+    cfg = classifier_config(overrides)
+    result = train_fn(cfg, run, resume=resume, fresh=fresh, progress=not quiet)
+    from effusion.train.logging import read_metrics
+
+    last = [m for m in read_metrics(run) if "val_acc" in m][-1]
+    typer.echo(f"trained {result.step} steps in {result.minutes:.1f} min; held-out accuracy "
+               f"{last['val_acc']:.4f}, loss {last['val_loss']:.4f}")
+    typer.echo(f"curves: {result.grid}")
+
+
+@classifier_app.command("quantize")
+@user_errors
+def classifier_quantize(
+    run: Path = typer.Option(..., "--run", help="Classifier run directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="New run directory (default RUN-int8)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Dynamic int8 quantization of the Linear layers; reports size, latency, accuracy."""
+    from effusion.optimize.quantize import quantize_classifier
+
+    r = quantize_classifier(run, out)
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    typer.echo("| | fp32 | int8 |\n|---|---|---|")
+    typer.echo(f"| model bytes | {r['bytes_fp32']:,} | {r['bytes_int8']:,} |")
+    typer.echo(f"| latency / 256 images (ms) | {r['latency_ms_per_256_fp32']:.2f} | "
+               f"{r['latency_ms_per_256_int8']:.2f} |")
+    typer.echo(f"| held-out accuracy | {r['val_acc_fp32']:.4f} | {r['val_acc_int8']:.4f} |")
+    typer.echo(f"quantized run: {out or run.with_name(run.name + '-int8')}")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory to sample and score."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Score a uint8 .npy array instead."),
+    data: str = typer.Option("mnist5k", "--data", help="With --images: the real data to compare to."),
+    n: int = typer.Option(1000, "--n", help="Samples to draw."),
+    sampler: Optional[str] = typer.Option(None, "--sampler"),
+    steps: Optional[int] = typer.Option(None, "--steps"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Class-conditional runs: guidance weight (default: the run's)."),
+    seed: int = typer.Option(123, "--seed"),
+    features: Optional[Path] = typer.Option(None, "--features", help="Classifier run for features (default: cached, trained once)."),
+    bpd_n: int = typer.Option(256, "--bpd-n", help="Held-out images for bits/dim (0 = skip)."),
+    bpd_strata: int = typer.Option(50, "--bpd-strata", help="Timesteps per image for bits/dim (T-1 = exact)."),
+    ema: bool = typer.Option(True, "--ema/--no-ema"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
+) -> None:
+    """FID, KID, precision/recall, coverage (and class accuracy, bits/dim) of a run or images."""
+    from effusion.evaluate import evaluate_images, evaluate_run
+
+    if (run is None) == (images is None):
+        raise ConfigError("give exactly one of --run DIR or --images FILE.npy")
+    if run is not None:
+        r = evaluate_run(run, n, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
+                         features=features,
+                         bpd_n=bpd_n, bpd_strata=bpd_strata, ema=ema, device=device,
+                         progress=not as_json)
+    else:
+        r = evaluate_images(images, data, features=features, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    floor = r["real_floor"]
+    typer.echo(f"| metric | {'samples' if run else images.name} (n={r['n']}) | "
+               f"real floor (n={floor['n']}) |\n|---|---|---|")
+    for k in ("fid", "kid", "precision", "recall", "coverage", "confidence", "class_accuracy"):
+        if k in r:
+            extra = f" ± {r['kid_std']:.4f}" if k == "kid" else ""
+            fl = f" ± {floor['kid_std']:.4f}" if k == "kid" else ""
+            typer.echo(f"| {k} | {r[k]:.4f}{extra} | "
+                       f"{floor[k]:.4f}{fl} |" if k in floor else f"| {k} | {r[k]:.4f} | - |")
+    if "bpd" in r:
+        typer.echo(f"| bits/dim ({r['bpd_split']} images, n={r['bpd_images']}) | "
+                   f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f} | - |")
+    typer.echo(f"features: {r['features']}")
+    if run is not None:
+        typer.echo(f"wrote {run / 'metrics.json'}")
 
 
 def main() -> None:

@@ -29,10 +29,12 @@ class DataConfig:
     hflip: bool = False  # random horizontal flip (wrong for digits, fine for photos)
     rotate: float = 0.0  # max random rotation in degrees
     translate: int = 0  # max random shift in pixels (reflect-padded random crop)
+    val_fraction: float = 0.1  # held out from training (fixed split): validation, bits/dim
 
 
 @dataclass
 class ModelConfig:
+    arch: Literal["unet", "mlp", "cnn"] = "unet"  # unet = diffusion; mlp / cnn = classifier
     channels: int = 32  # base width of the U-Net
     channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per resolution level
     num_res_blocks: int = 1  # residual blocks per level (decoder gets one more)
@@ -57,10 +59,17 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.0
+    optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
+    momentum: float = 0.9  # sgd (Nesterov) and rmsprop
+    lr_schedule: Literal["cosine", "step", "none"] = "cosine"  # after the warm-up
+    lr_step_every: int = 1  # step schedule: multiply the LR by lr_gamma every N epochs
+    lr_gamma: float = 0.5
     warmup_steps: int = 100
-    max_steps: int = 100_000  # whichever of max_steps / max_minutes comes first ends training
+    max_steps: int = 100_000  # whichever of max_steps / max_minutes / epochs comes first ends training
+    epochs: int = 0  # passes over the training split; 0 = no epoch limit
     max_minutes: float = 11.0  # wall-clock training budget; 0 = no budget
     grad_clip: float = 1.0  # max global grad norm; 0 = off
+    cond_drop: float = 0.1  # class-conditional models: share of labels replaced by the null class
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay ramps as min(decay, (1+n)/(10+n))
     seed: int = 0
@@ -73,6 +82,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_every: int = 1000  # EMA sample grid every N steps; 0 = only at the end
     sample_n: int = 64
+    eval_every: int = 0  # diffusion: FID on eval_n EMA samples every N steps (0 = off)
+    eval_n: int = 256
+    eval_features: str = ""  # classifier run for eval_every's FID; "" = the cached default
 
 
 @dataclass
@@ -82,6 +94,7 @@ class SampleConfig:
     eta: float = 0.0  # DDIM noise; 0 = deterministic
     spacing: Literal["linspace", "leading", "trailing"] = "trailing"
     clip_x0: bool = True  # clamp the denoised estimate to [-1, 1] (pixel space)
+    guidance: float = 1.0  # class-conditional runs: classifier-free guidance weight (0 = unconditional)
 
 
 @dataclass
@@ -200,20 +213,25 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any] | None:
+    """A config file's contents: a mapping of sections (or None if empty)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must contain a mapping of sections")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file (if any), then `--set` overrides; validated."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must contain a mapping of sections")
-        cfg = config_from_dict(data, cfg)
+        cfg = config_from_dict(read_yaml_mapping(path), cfg)
     if overrides:
         cfg = config_from_dict(parse_overrides(overrides), cfg)
     return cfg
@@ -241,6 +259,15 @@ def validate(cfg: Config) -> None:
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)"),
+        (cfg.train.epochs >= 0, "train.epochs must be >= 0 (0 = no epoch limit)"),
+        (cfg.train.lr_step_every >= 1, "train.lr_step_every must be >= 1"),
+        (0.0 < cfg.train.lr_gamma <= 1.0, "train.lr_gamma must be in (0, 1]"),
+        (cfg.train.momentum >= 0, "train.momentum must be >= 0"),
+        (0.0 <= cfg.train.cond_drop < 1.0, "train.cond_drop must be in [0, 1)"),
+        (cfg.sample.guidance >= 0, "sample.guidance must be >= 0"),
+        (cfg.train.eval_every >= 0, "train.eval_every must be >= 0 (0 = off)"),
+        (cfg.train.eval_n >= 2, "train.eval_n must be >= 2"),
         (cfg.sample.steps >= 1, "sample.steps must be >= 1"),
         (cfg.sample.eta >= 0, "sample.eta must be >= 0"),
     ]

@@ -9,7 +9,7 @@ import torch
 
 from effusion.config import Config, ConfigError
 from effusion.data.loader import to_uint8
-from effusion.diffusion import SAMPLERS, NetworkDenoiser, Schedule, sample
+from effusion.diffusion import SAMPLERS, GuidedDenoiser, NetworkDenoiser, Schedule, sample
 from effusion.models import UNet, build_model
 from effusion.train.checkpoint import CheckpointError, latest_checkpoint, load_weights, read_config
 from effusion.train.precision import Precision, bf16_supported, resolve_device, resolve_precision
@@ -26,10 +26,30 @@ class LoadedRun:
     step: int
     precision: Precision
 
-    def denoiser(self, clip_x0: bool | None = None) -> NetworkDenoiser:
+    @property
+    def num_classes(self) -> int:
+        return self.config.model.num_classes
+
+    def denoiser(self, clip_x0: bool | None = None,
+                 guidance: float | None = None) -> NetworkDenoiser | GuidedDenoiser:
+        """The network as a Denoiser; class-conditional runs are wrapped in classifier-free
+        guidance with weight `guidance` (default: the run's `sample.guidance`)."""
         clip = self.config.sample.clip_x0 if clip_x0 is None else clip_x0
-        return NetworkDenoiser(self.model, self.schedule, self.config.diffusion.prediction,
-                               clip_x0=clip, autocast=self.precision.autocast)
+        if not self.num_classes:
+            if guidance is not None:
+                raise ConfigError("guidance needs a class-conditional run (model.num_classes > 0)")
+            return NetworkDenoiser(self.model, self.schedule, self.config.diffusion.prediction,
+                                   clip_x0=clip, autocast=self.precision.autocast)
+        w = self.config.sample.guidance if guidance is None else guidance
+        if w < 0:
+            raise ConfigError(f"guidance must be >= 0, got {w}")
+        if w not in (0.0, 1.0) and self.config.train.cond_drop == 0:
+            raise ConfigError("this run was trained with train.cond_drop=0, so it never learned "
+                              "the unconditional prediction that guidance needs; use guidance "
+                              "1 (plain conditional)")
+        inner = NetworkDenoiser(self.model, self.schedule, self.config.diffusion.prediction,
+                                clip_x0=False, autocast=self.precision.autocast)
+        return GuidedDenoiser(inner, self.num_classes, w, clip_x0=clip)
 
 
 def schedule_for(cfg: Config) -> Schedule:
@@ -67,12 +87,30 @@ def load_run(run_dir: str | Path, ema: bool = True, device: str = "auto",
     return LoadedRun(run_dir, cfg, model, schedule_for(cfg), step, prec)
 
 
+def class_labels(spec: str | int | list[int] | None, n: int, num_classes: int) -> torch.Tensor:
+    """Labels for `n` samples: None / "all" = an even spread 0, 1, ..., K-1, 0, 1, ...;
+    one class; or a list (comma string) cycled in order."""
+    if spec is None or spec == "all":
+        return torch.arange(n) % num_classes
+    if isinstance(spec, str):
+        try:
+            spec = [int(c) for c in spec.split(",") if c.strip()]
+        except ValueError:
+            raise ConfigError(f"--class takes a class number, a comma list or 'all', got {spec!r}") from None
+    classes = torch.tensor([spec] if isinstance(spec, int) else list(spec), dtype=torch.long)
+    if len(classes) == 0 or classes.min() < 0 or classes.max() >= num_classes:
+        raise ConfigError(f"classes must be between 0 and {num_classes - 1}, got {classes.tolist()}")
+    return classes[torch.arange(n) % len(classes)]
+
+
 def generate(run: LoadedRun, n: int, *, sampler: str | None = None, steps: int | None = None,
              seed: int = 0, eta: float | None = None, batch_size: int = 256,
-             cond: torch.Tensor | None = None) -> torch.Tensor:
+             cond: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
     """Draw `n` samples as uint8 (N, C, H, W); deterministic for a given seed.
 
-    Sampler, steps and eta default to the run's `sample` config.
+    Sampler, steps and eta default to the run's `sample` config. A class-conditional run
+    samples the labels in `cond` (default: an even spread over its classes) with
+    classifier-free guidance weight `guidance` (default: the run's `sample.guidance`).
     """
     sc = run.config.sample
     name = sampler or sc.sampler
@@ -89,7 +127,12 @@ def generate(run: LoadedRun, n: int, *, sampler: str | None = None, steps: int |
                                                       "ddpm": run.schedule.T}[name]
     d = run.config.data
     gen = torch.Generator().manual_seed(seed)
-    den = run.denoiser()
+    den = run.denoiser(guidance=guidance)
+    if run.num_classes and cond is None:
+        cond = class_labels(None, n, run.num_classes)
+    elif cond is not None and not run.num_classes:
+        raise ConfigError("class labels were given but this run is unconditional "
+                          "(model.num_classes = 0)")
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)

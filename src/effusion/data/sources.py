@@ -169,3 +169,21 @@ def load_source(cfg: DataConfig) -> ImageSet:
         data = ImageSet(data.images[keep], None if data.labels is None else data.labels[keep],
                         data.class_names)
     return data
+
+
+def subset(data: ImageSet, index: torch.Tensor) -> ImageSet:
+    return ImageSet(data.images[index], None if data.labels is None else data.labels[index],
+                    data.class_names)
+
+
+def split(data: ImageSet, val_fraction: float) -> tuple[ImageSet, ImageSet | None]:
+    """(training split, held-out split or None): a fixed random split, the same for every run
+    on the same data, so a classifier and a diffusion model hold out the same images."""
+    n_val = int(round(len(data) * val_fraction))
+    if n_val == 0:
+        return data, None
+    if n_val >= len(data):
+        raise DataError(f"data.val_fraction={val_fraction} leaves no training images "
+                        f"out of {len(data)}")
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(12345))
+    return subset(data, perm[n_val:].sort().values), subset(data, perm[:n_val].sort().values)

@@ -1,12 +1,27 @@
-"""Networks: the U-Net denoiser and its building blocks."""
+"""Networks: the U-Net denoiser, its building blocks, and the small classifiers."""
 
-from effusion.config import Config
+import torch.nn as nn
+
+from effusion.config import Config, ConfigError
+from effusion.models.classifier import CLASSIFIERS, CNNClassifier, MLPClassifier
 from effusion.models.unet import UNet, count_params
 
 
-def build_model(cfg: Config) -> UNet:
-    """The U-Net described by a run's config."""
-    return UNet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+def build_model(cfg: Config, num_classes: int | None = None) -> nn.Module:
+    """The network a run's config describes: the U-Net, or a classifier for `model.arch`
+    mlp / cnn (whose class count is `model.num_classes`, or `num_classes` when given)."""
+    if cfg.model.arch == "unet":
+        return UNet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    k = num_classes or cfg.model.num_classes
+    if k < 2:
+        raise ConfigError(f"a {cfg.model.arch} classifier needs model.num_classes >= 2 (got {k})")
+    return CLASSIFIERS[cfg.model.arch](cfg.data.channels, cfg.data.image_size, k,
+                                       cfg.model.dropout)
 
 
-__all__ = ["UNet", "build_model", "count_params"]
+def is_classifier(cfg: Config) -> bool:
+    return cfg.model.arch in CLASSIFIERS
+
+
+__all__ = ["CNNClassifier", "MLPClassifier", "UNet", "build_model", "count_params",
+           "is_classifier"]

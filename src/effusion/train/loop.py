@@ -18,18 +18,16 @@ import torch
 from tqdm.auto import tqdm
 
 from effusion.config import Config, ConfigError
-from effusion.data import BatchStream, augment, load_source, to_model_range
-from effusion.data.images import make_grid, save_png
-from effusion.models import build_model, count_params
-from effusion.sampling import LoadedRun, generate, schedule_for
+from effusion.data import BatchStream, augment, load_source, split, to_model_range
+from effusion.models import build_model, count_params, is_classifier
 from effusion.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                                        load_checkpoint_state, load_weights, save_checkpoint,
                                        write_config)
 from effusion.train.ema import EMA
 from effusion.train.logging import MetricsLogger
-from effusion.train.objective import diffusion_loss
 from effusion.train.optim import build_optimizer, lr_factor
 from effusion.train.precision import Precision, resolve_device, resolve_precision
+from effusion.train.tasks import TASKS
 
 MAX_NONFINITE_IN_A_ROW = 10
 
@@ -45,7 +43,7 @@ class TrainResult:
     images_seen: int
     loss: float
     minutes: float
-    grid: Path | None
+    grid: Path | None  # the last sample grid (diffusion) or the loss/accuracy curves (classifier)
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, fresh: bool) -> Path | None:
@@ -69,7 +67,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, fresh: bool) -> Path | None:
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool = False,
           progress: bool = True) -> TrainResult:
-    """Train the configured model, writing everything into `run_dir`."""
+    """Train the configured model (the U-Net, or a classifier for model.arch mlp / cnn),
+    writing everything into `run_dir`."""
     run_dir = Path(run_dir)
     tc = cfg.train
     ckpt = prepare_run_dir(run_dir, resume, fresh)
@@ -82,16 +81,21 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
     if tc.threads:
         torch.set_num_threads(tc.threads)
 
-    # --- data, model, optimizer, EMA
+    # --- data: a fixed held-out split, then a resumable stream over the training split
     data = load_source(cfg.data)
-    if cfg.model.num_classes and data.labels is None:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data source "
-                          f"{cfg.data.source!r} has no labels")
+    if (cfg.model.num_classes or is_classifier(cfg)) and data.labels is None:
+        raise ConfigError(f"model.arch={cfg.model.arch} with model.num_classes="
+                          f"{cfg.model.num_classes} needs labels, but data source "
+                          f"{cfg.data.source!r} has none")
+    if is_classifier(cfg) and not cfg.model.num_classes:
+        cfg = replace(cfg, model=replace(cfg.model, num_classes=data.num_classes))
     if cfg.model.num_classes and data.num_classes > cfg.model.num_classes:
         raise ConfigError(f"data has {data.num_classes} classes but model.num_classes="
                           f"{cfg.model.num_classes}")
-    schedule = schedule_for(cfg)
-    stream = BatchStream(data, tc.batch_size, tc.seed)
+    train_set, val_set = split(data, cfg.data.val_fraction)
+    stream = BatchStream(train_set, tc.batch_size, tc.seed)
+
+    # --- model, optimizer, EMA
     torch.manual_seed(tc.seed)  # parameter init and dropout
     model = build_model(cfg).to(device)
     mem_format = torch.channels_last if tc.channels_last else torch.contiguous_format
@@ -103,6 +107,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
     step, images_seen, elapsed, skipped = 0, 0, 0.0, 0
 
     # --- resume: weights, optimizer, RNG streams and data position from the checkpoint
+    task_state: dict = {}
     if ckpt is not None:
         load_weights(ckpt / "model.safetensors", model)
         state, opt_state, rng = load_checkpoint_state(ckpt)
@@ -116,54 +121,57 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
         stream.load_state_dict(state["data"])
         step, images_seen = state["step"], state["images_seen"]
         elapsed, skipped = state["elapsed_s"], state["skipped_steps"]
+        task_state = state.get("task", {})
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
     write_config(run_dir, cfg)
     logger = MetricsLogger(run_dir, resume_step=step if ckpt is not None else None)
+    task = TASKS[cfg.model.arch](cfg, run_dir, train_set, val_set, prec, logger, mem_format)
+    task.load_state_dict(task_state) if task_state else None
+
+    def epochs_done() -> float:
+        return stream.epoch + stream.index / len(train_set)
 
     def progress_of(step: int, elapsed: float) -> float:
         by_time = elapsed / (tc.max_minutes * 60) if tc.max_minutes else 0.0
-        return max(step / tc.max_steps, by_time)
+        by_epochs = epochs_done() / tc.epochs if tc.epochs else 0.0
+        return max(step / tc.max_steps, by_time, by_epochs)
 
     def checkpoint() -> None:
         rng = {"generator": gen.get_state(), "torch": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
         state = {"images_seen": images_seen, "elapsed_s": elapsed, "skipped_steps": skipped,
-                 "ema_updates": ema.updates, "data": stream.state_dict()}
+                 "ema_updates": ema.updates, "data": stream.state_dict(),
+                 "task": task.state_dict()}
         if scaler.is_enabled():
             state["scaler"] = scaler.state_dict()
         save_checkpoint(run_dir, step, model=model, ema=ema.state_dict(), optimizer=opt,
                         rng=rng, state=state, keep=tc.keep_checkpoints)
 
-    def sample_grid() -> Path:
-        run = LoadedRun(run_dir, cfg, ema.model, schedule, step, prec)
-        images = generate(run, tc.sample_n, seed=tc.seed)
-        grid = make_grid(images)
-        logger.image("samples", grid, step)
-        return save_png(grid, run_dir / "samples" / f"step-{step:07d}.png",
-                        upscale=max(1, 64 // cfg.data.image_size))
-
-    print(f"effusion: training {count_params(model) / 1e6:.2f}M params on {len(data)} images "
-          f"({cfg.data.source}), {device.type} {prec.mode}, run dir {run_dir}")
+    held = f", {len(val_set)} held out" if val_set is not None else ""
+    print(f"effusion: training {count_params(model) / 1e6:.2f}M params ({cfg.model.arch}) on "
+          f"{len(train_set)} images{held} ({cfg.data.source}), {device.type} {prec.mode}, "
+          f"run dir {run_dir}")
     bar = tqdm(total=100, unit="%", disable=not progress, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
     bar.update(min(100.0, 100 * progress_of(step, elapsed)))
     t0, last_log_t, last_log_images = time.perf_counter() - elapsed, time.perf_counter(), images_seen
-    loss_sum, loss_n, last_loss, grid, in_a_row = 0.0, 0, math.nan, None, 0
+    loss_sum, loss_n, last_loss, in_a_row = 0.0, 0, math.nan, 0
     model.train()
     try:
         while progress_of(step, elapsed) < 1.0:
             # --- batch: augment (all randomness from `gen`, so resume is exact)
+            epoch_before = stream.epoch
             x_u8, labels = stream.next()
             x0 = augment(to_model_range(x_u8), cfg.data, gen)
-            cond = labels.to(device) if cfg.model.num_classes else None
 
-            # --- forward and backward; the loss is reduced in fp32 whatever the precision
-            lr = tc.lr * lr_factor(step, progress_of(step, elapsed), tc.warmup_steps)
+            # --- forward and backward; the task reduces its loss in fp32 whatever the precision
+            lr = tc.lr * lr_factor(step, progress_of(step, elapsed), tc.warmup_steps,
+                                   tc.lr_schedule, stream.epoch, tc.lr_step_every, tc.lr_gamma)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = diffusion_loss(model, x0, cond, cfg.diffusion, schedule, gen, prec, mem_format)
+            loss = task.loss(model, x0, labels, gen)
             if not torch.isfinite(loss):
                 # Skip the update, keep the weights; give up if it persists.
                 skipped, in_a_row = skipped + 1, in_a_row + 1
@@ -189,17 +197,21 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
             loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
             elapsed = time.perf_counter() - t0
 
-            # --- log, sample, checkpoint
+            # --- log, evaluate / sample, checkpoint
             if step % tc.log_every == 0:
                 now = time.perf_counter()
                 ips = (images_seen - last_log_images) / max(now - last_log_t, 1e-9)
                 logger.log(step, {"loss": loss_sum / loss_n, "lr": lr, "grad_norm": grad_norm.item(),
                                   "images_per_s": ips, "images_seen": images_seen,
-                                  "elapsed_s": elapsed, "skipped_steps": skipped})
+                                  "elapsed_s": elapsed, "skipped_steps": skipped,
+                                  "epoch": round(epochs_done(), 3)})
                 bar.set_postfix_str(f"step {step} loss {loss_sum / loss_n:.4f} {ips:.0f} img/s")
                 last_log_t, last_log_images, loss_sum, loss_n = now, images_seen, 0.0, 0
-            if tc.sample_every and step % tc.sample_every == 0:
-                grid = sample_grid()
+            evals = task.periodic(ema.model, step, stream.epoch > epoch_before)
+            if evals:
+                logger.log(step, {**evals, "epoch": round(epochs_done(), 3)})
+                bar.write(f"step {step} epoch {epochs_done():.2f}: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in evals.items()))
             if step % tc.checkpoint_every == 0:
                 checkpoint()
             bar.update(min(100.0, 100 * progress_of(step, elapsed)) - bar.n)
@@ -210,10 +222,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
         raise
     bar.close()
 
-    # --- finish: final checkpoint and sample grid
+    # --- finish: final checkpoint and the task's artifact (sample grid / curves)
     if not list_checkpoints(run_dir) or latest_checkpoint(run_dir).name != f"step-{step:07d}":
         checkpoint()
-    if grid is None or grid.name != f"step-{step:07d}.png":
-        grid = sample_grid()
+    artifact = task.finish(ema.model, step)
     logger.close()
-    return TrainResult(run_dir, step, images_seen, last_loss, elapsed / 60, grid)
+    return TrainResult(run_dir, step, images_seen, last_loss, elapsed / 60, artifact)

@@ -1,0 +1,171 @@
+"""`effusion evaluate`: sample a run (or read an image array), score it, write metrics.json.
+
+Every score comes with the floor: `n` real images scored the same way against the rest of
+the real set, which is what a perfect generator would get at this sample size.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from effusion.classify import load_classifier
+from effusion.config import ConfigError, DataConfig
+from effusion.data import DataError, load_source, split, to_model_range
+from effusion.evaluate.features import FeatureScorer
+from effusion.evaluate.likelihood import bits_per_dim
+from effusion.evaluate.metrics import class_accuracy, coverage, fid, kid, precision_recall
+
+
+def score(scorer: FeatureScorer, images: torch.Tensor, requested: torch.Tensor | None = None,
+          reference: torch.Tensor | None = None) -> dict[str, float]:
+    """All feature-space metrics of uint8 images (N, C, H, W) against the reference
+    features (default: every real image). `requested` holds the class each sample was
+    asked for, if any."""
+    ref = scorer.real_features if reference is None else reference
+    feats, probs = scorer.classifier.predict(images)
+    pred = probs.argmax(1)
+    kid_mean, kid_std = kid(ref, feats, subset_size=min(1000, len(feats)))
+    prec, rec = precision_recall(ref, feats)
+    out = {"fid": fid(ref, feats), "kid": kid_mean, "kid_std": kid_std, "precision": prec,
+           "recall": rec, "coverage": coverage(pred, scorer.classifier.num_classes),
+           "confidence": float(probs.max(1).values.mean())}
+    if requested is not None:
+        out["class_accuracy"] = class_accuracy(pred, requested)
+    return out
+
+
+def real_floor(scorer: FeatureScorer, n: int, seed: int = 1) -> dict[str, float]:
+    """`n` real images (at most half the set) scored against the other real images."""
+    total = len(scorer.real_images)
+    n = min(n, total // 2)
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    pick, rest = perm[:n], perm[n:]
+    labels = None if scorer.real_labels is None else scorer.real_labels[pick]
+    return {"n": n, **score(scorer, scorer.real_images[pick], labels,
+                            reference=scorer.real_features[rest])}
+
+
+def _scorer(data: DataConfig, features: str | Path | None, progress: bool) -> FeatureScorer:
+    clf = load_classifier(features) if features is not None else None
+    if clf is not None:
+        want = (data.channels, data.image_size)
+        have = (clf.config.data.channels, clf.config.data.image_size)
+        if want != have:
+            raise ConfigError(f"feature classifier {features} takes {have[0]}-channel "
+                              f"{have[1]}px images; these are {want[0]}-channel {want[1]}px")
+    return FeatureScorer.for_data(data, clf, progress=progress)
+
+
+def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = None,
+                 steps: int | None = None, guidance: float | None = None, seed: int = 123,
+                 features: str | Path | None = None,
+                 bpd_n: int = 256, bpd_strata: int = 50, ema: bool = True,
+                 device: str = "auto", progress: bool = False) -> dict[str, Any]:
+    """Sample `n` images from a run, score them, and write `RUN/metrics.json`.
+
+    Class-conditional runs are asked for an even spread of classes and also get
+    `class_accuracy`. Bits/dim is estimated on up to `bpd_n` images of the run's held-out
+    split (its training images if it has none: `bpd_split` says which); 0 skips it.
+    """
+    from effusion.sampling import class_labels, generate, load_run
+
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, ema=ema, device=device)
+    cfg = run.config
+    scorer = _scorer(cfg.data, features, progress)
+    requested = class_labels(None, n, run.num_classes) if run.num_classes else None
+    t0 = time.perf_counter()
+    images = generate(run, n, sampler=sampler, steps=steps, seed=seed, cond=requested,
+                      guidance=guidance)
+    sample_s = time.perf_counter() - t0
+    result: dict[str, Any] = {
+        "run": str(run_dir), "step": run.step, "n": n, "seed": seed, "ema": ema,
+        "sampler": sampler or cfg.sample.sampler, "steps": steps,
+        "guidance": (cfg.sample.guidance if guidance is None else guidance)
+        if run.num_classes else None,
+        "features": str(scorer.classifier.run_dir), "sample_seconds": round(sample_s, 2),
+        **score(scorer, images, requested)}
+    if bpd_n:
+        result.update(_bpd(run, bpd_n, bpd_strata, seed))
+    result["real_floor"] = real_floor(scorer, n)
+    _write_json(run_dir / "metrics.json", result)
+    return result
+
+
+def _bpd(run, bpd_n: int, strata: int, seed: int) -> dict[str, Any]:
+    cfg = run.config
+    train_set, val_set = split(load_source(replace(cfg.data, hflip=False, rotate=0.0,
+                                                   translate=0)), cfg.data.val_fraction)
+    data, which = (val_set, "held-out") if val_set is not None else (train_set, "training")
+    x = to_model_range(data.images[:bpd_n])
+    labels = data.labels[:bpd_n] if (cfg.model.num_classes and data.labels is not None) else None
+    gen = torch.Generator().manual_seed(seed)
+    # The conditional likelihood (guidance 1): a guided mixture is not a proper density.
+    den = run.denoiser(guidance=1.0 if run.num_classes else None)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(x), 128):
+        c = None if labels is None else labels[i:i + 128]
+        out = bits_per_dim(den, run.schedule, x[i:i + 128], c, strata=strata, generator=gen,
+                           device=run.precision.device)
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v)
+    bpd = torch.cat(parts["bpd"])
+    return {"bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std() / len(bpd) ** 0.5),
+            "bpd_parts": {k: float(torch.cat(v).mean()) for k, v in parts.items() if k != "bpd"},
+            "bpd_split": which, "bpd_images": len(bpd), "bpd_strata": strata}
+
+
+def load_image_array(path: str | Path) -> torch.Tensor:
+    """A uint8 .npy array N x H x W [x C] (as `effusion sample --npy` writes) -> (N, C, H, W)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image array not found: {path}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} as a .npy array: {e}") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8:
+        raise DataError(f"{path} must hold a uint8 array, got {getattr(arr, 'dtype', type(arr))}")
+    if arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[-1] not in (1, 3)):
+        raise DataError(f"{path} must be N x H x W or N x H x W x C (C = 1 or 3), got "
+                        f"shape {arr.shape}")
+    if arr.shape[1] != arr.shape[2]:
+        raise DataError(f"{path} holds {arr.shape[1]}x{arr.shape[2]} images; only square "
+                        "images are supported")
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return (t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)).contiguous()
+
+
+def evaluate_images(images: torch.Tensor | str | Path, data: str | DataConfig = "mnist5k", *,
+                    features: str | Path | None = None, labels: torch.Tensor | None = None,
+                    progress: bool = False, out: str | Path | None = None) -> dict[str, Any]:
+    """Score any uint8 images (N, C, H, W), or a .npy path, against a data source, so other
+    tools' samples are measured on the same footing. `labels`: requested classes, if any."""
+    if not isinstance(images, torch.Tensor):
+        images = load_image_array(images)
+    if len(images) < 10:
+        raise DataError(f"need at least 10 images to score, got {len(images)}")
+    if isinstance(data, str):
+        data = DataConfig(source=data)
+    data = replace(data, image_size=images.shape[-1], channels=images.shape[1])
+    scorer = _scorer(data, features, progress)
+    result = {"n": len(images), "data": data.source,
+              "features": str(scorer.classifier.run_dir), **score(scorer, images, labels),
+              "real_floor": real_floor(scorer, len(images))}
+    if out is not None:
+        _write_json(Path(out), result)
+    return result
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)

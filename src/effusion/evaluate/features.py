@@ -1,0 +1,85 @@
+"""The feature space metrics are computed in: a classifier effusion trains itself.
+
+No Inception weights can be downloaded here, so FID & co. use the penultimate layer of a
+classifier trained on the same data domain (the `cnn` recipe of `effusion classifier
+train`). Without `--features`, the default one for a data config is trained once and
+cached under `$EFFUSION_CACHE` (default `$XDG_CACHE_HOME/effusion`, else
+`~/.cache/effusion`), in `features/<source>-<size>px-<channels>ch-v1/`.
+
+Figures are comparable only between scores that used the same feature classifier; every
+result records which one it used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from effusion.classify import LoadedClassifier, classifier_config, load_classifier
+from effusion.config import DataConfig
+from effusion.data import load_source
+from effusion.evaluate.metrics import fid
+from effusion.train.checkpoint import latest_checkpoint
+
+RECIPE_VERSION = "v1"  # bump when CLASSIFIER_DEFAULTS change, so old caches are not reused
+
+
+def cache_dir() -> Path:
+    if os.environ.get("EFFUSION_CACHE"):
+        return Path(os.environ["EFFUSION_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "effusion"
+
+
+def feature_run_dir(data: DataConfig) -> Path:
+    """Where the default feature classifier for this data config lives in the cache."""
+    src = data.source
+    if ":" in src:  # folder:/path or npz:/path -> readable stem + hash of the full path
+        kind, path = src.split(":", 1)
+        resolved = str(Path(path).expanduser().resolve())
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(resolved).stem)[:40]
+        src = f"{kind}-{stem}-{hashlib.sha1(resolved.encode()).hexdigest()[:10]}"
+    return cache_dir() / "features" / f"{src}-{data.image_size}px-{data.channels}ch-{RECIPE_VERSION}"
+
+
+def default_feature_classifier(data: DataConfig, progress: bool = False) -> LoadedClassifier:
+    """Load the cached feature classifier for `data`, training it first if there is none."""
+    run = feature_run_dir(data)
+    if latest_checkpoint(run) is None:
+        from effusion.train.loop import train
+
+        cfg = classifier_config([f"data.source={data.source}",
+                                 f"data.image_size={data.image_size}",
+                                 f"data.channels={data.channels}"])
+        print(f"effusion: training the feature classifier for {data.source} "
+              f"(once; cached in {run})")
+        train(cfg, run, fresh=True, progress=progress)
+    return load_classifier(run)
+
+
+@dataclass
+class FeatureScorer:
+    """A feature classifier plus the features of the reference (real) images."""
+
+    classifier: LoadedClassifier
+    real_images: torch.Tensor  # uint8 (N, C, H, W)
+    real_labels: torch.Tensor | None
+    real_features: torch.Tensor  # float64 (N, D)
+
+    @classmethod
+    def for_data(cls, data: DataConfig, classifier: LoadedClassifier | None = None,
+                 progress: bool = False) -> "FeatureScorer":
+        """Reference = every image of the source (augmentations off, no limit)."""
+        clean = replace(data, limit=0, hflip=False, rotate=0.0, translate=0)
+        clf = classifier or default_feature_classifier(clean, progress=progress)
+        real = load_source(clean)
+        feats, _ = clf.predict(real.images)
+        return cls(clf, real.images, real.labels, feats)
+
+    def fid(self, images: torch.Tensor) -> float:
+        return fid(self.real_features, self.classifier.predict(images)[0])

@@ -1,0 +1,58 @@
+"""Small image classifiers: a worked example of the training recipe, and the feature
+network that sample-quality metrics are computed in (no Inception weights offline).
+
+Both map images in [-1, 1] (B, C, H, W) to logits (B, num_classes); `features(x)` is the
+penultimate activation, the space FID, KID and precision/recall are measured in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class MLPClassifier(nn.Module):
+    """The classic 784-128-64-10 perceptron (for 28x28 gray) with dropout after each hidden
+    layer; other sizes change only the input width."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_channels * image_size * image_size, 128), nn.ReLU(),
+            nn.Dropout(dropout), nn.Linear(128, 64), nn.ReLU(), nn.Dropout(dropout))
+        self.head = nn.Linear(64, num_classes)
+        self.feature_dim = 64
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class CNNClassifier(nn.Module):
+    """Two conv stages (32 and 64 channels; BatchNorm, ReLU, 2x2 max-pool), pooled to a 7x7
+    grid (a no-op at 28x28; makes any size work), a 128-d feature layer, dropout, the head."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, dropout: float):
+        super().__init__()
+
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                    nn.ReLU(), nn.MaxPool2d(2)]
+
+        self.body = nn.Sequential(
+            *conv(in_channels, 32), *conv(32, 64), nn.AdaptiveAvgPool2d(7), nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 128), nn.ReLU())
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(128, num_classes)
+        self.feature_dim = 128
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.features(x)))
+
+
+CLASSIFIERS = {"mlp": MLPClassifier, "cnn": CNNClassifier}

@@ -1,0 +1,1 @@
+"""Optimization passes over trained runs; each writes a new run directory and a report."""

@@ -1,0 +1,156 @@
+"""`effusion evaluate` and the metrics on real images in the trained feature space."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effusion.config import DataConfig
+from effusion.data import DataError, load_source
+from effusion.evaluate import FeatureScorer, evaluate_images, evaluate_run, fid, kid
+from effusion.evaluate.likelihood import bits_per_dim
+from effusion.models import build_model
+from effusion.sampling import schedule_for
+from effusion.diffusion import NetworkDenoiser
+from effusion.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def scorer(feature_classifier) -> FeatureScorer:
+    return FeatureScorer.for_data(DataConfig(), feature_classifier)
+
+
+def real_subset(scorer: FeatureScorer, n: int = 1000, seed: int = 0) -> torch.Tensor:
+    idx = torch.randperm(len(scorer.real_images), generator=torch.Generator().manual_seed(seed))
+    return scorer.real_images[idx[:n]]
+
+
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    r = int(3 * sigma) + 1
+    k = torch.exp(-torch.arange(-r, r + 1).float() ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).view(1, 1, 1, -1)
+    y = F.conv2d(F.pad(x.float(), (r, r, 0, 0), mode="replicate"), k)
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.transpose(2, 3))
+    return y.round().clamp(0, 255).to(torch.uint8)
+
+
+def noised(x: torch.Tensor, std: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return (x.float() + std * torch.randn(x.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
+
+
+def test_fid_rises_monotonically_with_blur_and_noise(scorer):
+    x = real_subset(scorer)
+    clean = scorer.fid(x)
+    blurred = [scorer.fid(blur(x, s)) for s in (0.5, 1.0, 1.5, 2.5)]
+    noisy = [scorer.fid(noised(x, s)) for s in (10, 25, 50, 100)]
+    assert all(a < b for a, b in zip([clean] + blurred, blurred))
+    assert all(a < b for a, b in zip([clean] + noisy, noisy))
+
+
+def test_kid_of_two_halves_of_the_real_data_is_zero_within_std(scorer):
+    f = scorer.real_features
+    perm = torch.randperm(len(f), generator=torch.Generator().manual_seed(2))
+    mean, std = kid(f[perm[:2500]], f[perm[2500:]])
+    assert abs(mean) <= 2 * std
+
+
+def test_evaluate_images_scores_real_data_near_the_floor(scorer, tmp_path):
+    x = real_subset(scorer, 500, seed=5)
+    path = tmp_path / "real.npy"
+    np.save(path, x[:, 0].numpy())  # N x H x W, as `effusion sample --npy` writes
+    labels = scorer.real_labels[
+        torch.randperm(5000, generator=torch.Generator().manual_seed(5))[:500]]
+    r = evaluate_images(path, "mnist5k", features=scorer.classifier.run_dir, labels=labels,
+                        out=tmp_path / "m.json")
+    assert r["precision"] > 0.95 and r["recall"] > 0.8 and r["coverage"] > 0.98
+    assert r["class_accuracy"] > 0.97
+    assert r["fid"] < 2 * r["real_floor"]["fid"] + 1
+    assert json.loads((tmp_path / "m.json").read_text())["fid"] == pytest.approx(r["fid"])
+    blank = evaluate_images(torch.zeros(50, 1, 28, 28, dtype=torch.uint8), "mnist5k",
+                            features=scorer.classifier.run_dir)
+    assert blank["fid"] > 10 * r["fid"] and blank["coverage"] < 0.2
+
+
+@pytest.mark.parametrize("arr,msg", [
+    (np.zeros((20, 28, 28), np.float32), "uint8"),
+    (np.zeros((20, 28), np.uint8), "N x H x W"),
+    (np.zeros((20, 28, 20), np.uint8), "square"),
+])
+def test_image_array_errors(tmp_path, arr, msg):
+    p = tmp_path / "bad.npy"
+    np.save(p, arr)
+    with pytest.raises(DataError, match=msg):
+        evaluate_images(p, "mnist5k")
+    with pytest.raises(DataError, match="not found"):
+        evaluate_images(tmp_path / "missing.npy", "mnist5k")
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    with pytest.raises(DataError, match="cannot read"):
+        evaluate_images(tmp_path / "junk.npy", "mnist5k")
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    """An MLP on 16px digits: enough to provide features for tiny-run tests in seconds."""
+    from effusion.classify import classifier_config
+
+    run = tmp_path_factory.mktemp("clf16") / "run"
+    train(classifier_config(["model.arch=mlp", "data.image_size=16", "train.epochs=2",
+                             "train.threads=1", "train.precision=fp32"]), run, progress=False)
+    return run
+
+
+def test_evaluate_run_writes_metrics_and_bpd(tmp_path, make_cfg, tiny_classifier):
+    run = tmp_path / "run"
+    train(make_cfg("train.max_steps=6", "model.num_classes=10"), run, progress=False)
+    r = evaluate_run(run, 40, steps=3, features=tiny_classifier, bpd_n=8, bpd_strata=5)
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(r))
+    for k in ("fid", "kid", "precision", "recall", "coverage", "class_accuracy", "bpd"):
+        assert np.isfinite(r[k]), k
+    assert r["bpd_split"] == "held-out" and r["bpd_images"] == 6  # 10% of the 64 images
+    assert set(r["bpd_parts"]) == {"prior", "diffusion", "decoder"}
+    assert r["real_floor"]["n"] == 40
+
+
+def test_bits_per_dim_lower_after_brief_training(tmp_path, make_cfg):
+    cfg = make_cfg("train.max_steps=60", "train.lr=3e-3", "train.ema_decay=0")
+    untrained = build_model(cfg).eval()
+    train(cfg, tmp_path / "r", progress=False)
+    from effusion.sampling import load_run
+
+    trained = load_run(tmp_path / "r", device="cpu").model
+    data = load_source(cfg.data)
+    x = data.images[:16].float() / 127.5 - 1
+    sched = schedule_for(cfg)
+
+    def bpd(net):
+        den = NetworkDenoiser(net, sched, cfg.diffusion.prediction, clip_x0=True)
+        return bits_per_dim(den, sched, x, strata=49,
+                            generator=torch.Generator().manual_seed(0))["bpd"].mean().item()
+
+    before, after = bpd(untrained), bpd(trained)
+    assert np.isfinite(before) and np.isfinite(after)
+    assert after < before
+
+
+def test_fid_during_training_is_logged(tmp_path, make_cfg, tiny_classifier):
+    from effusion.train.logging import read_metrics
+
+    run = tmp_path / "run"
+    train(make_cfg("train.max_steps=4", "train.eval_every=2", "train.eval_n=16",
+                   f"train.eval_features={tiny_classifier}"), run, progress=False)
+    fids = [m for m in read_metrics(run) if "fid" in m]
+    assert [m["step"] for m in fids] == [2, 4]
+    assert all(np.isfinite(m["fid"]) and m["fid"] > 0 for m in fids)
+
+
+def test_fid_is_independent_of_sample_order(scorer):
+    x = real_subset(scorer, 300)
+    assert scorer.fid(x) == pytest.approx(scorer.fid(x.flip(0)), rel=1e-6)  # float32 features
+    f = scorer.classifier.predict(x)[0]
+    assert fid(f, f) == pytest.approx(0.0, abs=1e-3)  # 128-d, some dims near-constant

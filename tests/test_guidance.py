@@ -1,0 +1,133 @@
+"""Classifier-free guidance: the mixing rule, label dropout, conditional sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from effusion.config import ConfigError, DiffusionConfig
+from effusion.diffusion import GuidedDenoiser, Schedule
+from effusion.train.objective import diffusion_loss
+from effusion.train.precision import Precision
+
+NULL = 10
+
+
+class FakeDenoiser:
+    """x0 = x_t * (1 + label / 10): conditional and null predictions differ per label."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x_t, t, cond=None):
+        self.calls.append(x_t.shape[0])
+        return x_t * (1 + cond.float().view(-1, 1, 1, 1) / 10)
+
+
+@pytest.fixture
+def xt():
+    return torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+
+
+def test_guidance_zero_is_unconditional_and_one_is_conditional(xt):
+    labels = torch.tensor([0, 3, 5, 9])
+    fake = FakeDenoiser()
+    t = torch.zeros(4, dtype=torch.long)
+    uncond = fake(xt, t, torch.full_like(labels, NULL))
+    cond = fake(xt, t, labels)
+    assert torch.equal(GuidedDenoiser(fake, NULL, 0.0)(xt, t, labels), uncond)
+    assert torch.equal(GuidedDenoiser(fake, NULL, 1.0)(xt, t, labels), cond)
+    fake.calls.clear()
+    got = GuidedDenoiser(fake, NULL, 3.0)(xt, t, labels)
+    assert torch.allclose(got, uncond + 3.0 * (cond - uncond))
+    assert fake.calls == [8]  # both halves in one batched forward
+
+
+def test_guidance_clips_after_mixing(xt):
+    labels = torch.tensor([9, 9, 9, 9])
+    fake = FakeDenoiser()
+    guided = GuidedDenoiser(fake, NULL, 5.0, clip_x0=True)(xt * 3, 0, labels)
+    assert guided.abs().max() <= 1.0
+    raw = GuidedDenoiser(fake, NULL, 5.0)(xt * 3, 0, labels)
+    assert torch.equal(guided, raw.clamp(-1, 1))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.3])
+def test_observed_label_drop_rate_matches_cond_drop(p):
+    seen = []
+
+    def forward(x_t, t, cond):
+        seen.append(cond.clone())
+        return torch.zeros_like(x_t)
+
+    sched = Schedule.make("cosine", 50)
+    gen = torch.Generator().manual_seed(0)
+    prec = Precision(torch.device("cpu"), "fp32")
+    labels = torch.arange(20000) % 10
+    diffusion_loss(forward, torch.zeros(20000, 1, 2, 2), labels, DiffusionConfig(timesteps=50),
+                   sched, gen, prec, cond_drop=p, null_class=NULL)
+    dropped = (seen[0] == NULL).double().mean().item()
+    assert dropped == pytest.approx(p, abs=0.01)
+    kept = seen[0] != NULL
+    assert torch.equal(seen[0][kept], labels[kept])  # the rest keep their own label
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    from conftest import tiny_config
+    from effusion.train.loop import train
+
+    run = tmp_path_factory.mktemp("cond") / "run"
+    train(tiny_config("model.num_classes=10", "train.max_steps=2"), run, progress=False)
+    return run
+
+
+def test_generate_conditional_defaults_to_an_even_spread(cond_run):
+    from effusion.sampling import class_labels, generate, load_run
+
+    run = load_run(cond_run, device="cpu")
+    a = generate(run, 10, steps=2, seed=1)
+    b = generate(run, 10, steps=2, seed=1, cond=torch.arange(10))
+    assert torch.equal(a, b)
+    c = generate(run, 10, steps=2, seed=1, cond=torch.arange(10), guidance=3.0)
+    assert not torch.equal(a, c)
+    assert class_labels("3,5", 5, 10).tolist() == [3, 5, 3, 5, 3]
+    assert class_labels(7, 2, 10).tolist() == [7, 7]
+    with pytest.raises(ConfigError, match="between 0 and 9"):
+        class_labels("12", 3, 10)
+    with pytest.raises(ConfigError, match="comma list"):
+        class_labels("seven", 3, 10)
+
+
+def test_guidance_errors(cond_run, tmp_path, make_cfg):
+    from effusion.sampling import generate, load_run
+    from effusion.train.loop import train
+
+    train(make_cfg("train.max_steps=1"), tmp_path / "u", progress=False)
+    uncond = load_run(tmp_path / "u", device="cpu")
+    with pytest.raises(ConfigError, match="class-conditional"):
+        generate(uncond, 2, steps=1, guidance=2.0)
+    with pytest.raises(ConfigError, match="unconditional"):
+        generate(uncond, 2, steps=1, cond=torch.tensor([1, 2]))
+    train(make_cfg("train.max_steps=1", "model.num_classes=10", "train.cond_drop=0"),
+          tmp_path / "nodrop", progress=False)
+    nodrop = load_run(tmp_path / "nodrop", device="cpu")
+    with pytest.raises(ConfigError, match="cond_drop=0"):
+        generate(nodrop, 2, steps=1, guidance=2.0)
+    generate(nodrop, 2, steps=1, guidance=1.0)  # plain conditional is fine
+
+
+def test_sample_cli_class_and_guidance(cond_run, tmp_path):
+    import numpy as np
+
+    from effusion.cli import app
+
+    npy = tmp_path / "s.npy"
+    result = CliRunner().invoke(app, ["sample", "--run", str(cond_run), "--n", "4", "--steps",
+                                      "2", "--class", "3", "--guidance", "2", "--npy", str(npy),
+                                      "--out", str(tmp_path / "g.png")])
+    assert result.exit_code == 0, result.output
+    assert np.load(npy).shape == (4, 16, 16)
+    bad = CliRunner().invoke(app, ["sample", "--run", str(cond_run), "--class", "11"])
+    assert bad.exit_code == 2 and "between 0 and 9" in bad.output

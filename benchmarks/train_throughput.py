@@ -60,7 +60,9 @@ def run_variant(variant: str, precision: str, steps: int, warmup: int, batch: in
     from effusion.train.optim import build_optimizer
     from effusion.train.precision import Precision, resolve_device, resolve_precision
 
-    cfg = load_config(None, [f"train.batch_size={batch}"] if batch else [])
+    # Unconditional, so the diffusers model (no class input) runs the same task; the class
+    # embedding of the default recipe adds one table lookup per sample.
+    cfg = load_config(None, ["model.num_classes=0"] + ([f"train.batch_size={batch}"] if batch else []))
     device = resolve_device(cfg.train.device)
     prec = Precision(device, resolve_precision(precision, device))
     torch.manual_seed(0)

@@ -27,6 +27,7 @@ TINY_OVERRIDES: list[str] = [
     "model.attention_resolutions=[]",
     "model.norm_groups=4",
     "model.head_channels=8",
+    "model.num_classes=0",  # unconditional unless a test asks (the default is auto)
     "diffusion.timesteps=50",
     "train.batch_size=8",
     "train.max_minutes=0",

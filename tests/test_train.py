@@ -185,3 +185,62 @@ def test_occasional_nan_steps_are_skipped(run_dir, make_cfg, monkeypatch):
     assert [r["step"] for r in m] == [1, 2, 3, 4]
     assert [r["skipped_steps"] for r in m] == [0, 2, 2, 3]  # NaN on forward calls 1, 2 and 5
     assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in m)
+
+
+def test_lr_schedules():
+    from effusion.train.optim import lr_factor
+
+    # Warm-up then cosine to 0 over progress.
+    assert lr_factor(0, 0.0, 10) == pytest.approx(0.1)
+    assert lr_factor(20, 0.5, 10) == pytest.approx(0.5)
+    assert lr_factor(20, 1.0, 10) == pytest.approx(0.0)
+    # Step: gamma every `step_every` epochs, independent of progress.
+    f = [lr_factor(100, 0.9, 0, "step", epoch=e, step_every=5, gamma=0.3) for e in range(12)]
+    assert f[:5] == [1.0] * 5 and f[5:10] == [pytest.approx(0.3)] * 5 and f[10] == pytest.approx(0.09)
+    assert lr_factor(100, 0.9, 0, "none", epoch=7) == 1.0
+
+
+@pytest.mark.parametrize("opt", ["adamw", "adam", "rmsprop", "sgd"])
+def test_every_optimizer_builds_and_lowers_a_loss(opt, make_cfg):
+    from effusion.train.optim import build_optimizer
+
+    cfg = make_cfg(f"train.optimizer={opt}", "train.lr=0.01", "train.weight_decay=0.1")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    o = build_optimizer(model, cfg.train)
+    name = {"adamw": "AdamW", "adam": "Adam", "rmsprop": "RMSprop", "sgd": "SGD"}[opt]
+    assert type(o).__name__ == name
+    decays = [g["weight_decay"] for g in o.param_groups]
+    assert decays == [0.1, 0.0]  # matrices decay, biases do not
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    first = None
+    for _ in range(30):
+        loss = ((model(x) - y) ** 2).mean()
+        first = first if first is not None else loss.item()
+        o.zero_grad()
+        loss.backward()
+        o.step()
+    assert loss.item() < first
+
+
+def test_epochs_limit_training(run_dir, make_cfg):
+    res = train(make_cfg("train.epochs=2", "train.max_steps=1000"), run_dir, progress=False)
+    # 58 training images (64 minus the 10% held out), batch 8: 2 epochs end within step 15.
+    assert res.step == 15 and res.images_seen == 120
+
+
+def test_num_classes_auto_follows_the_data(tmp_path, make_cfg):
+    import numpy as np
+
+    from effusion.train.checkpoint import read_config
+
+    train(make_cfg("model.num_classes=-1", "train.max_steps=1"), tmp_path / "a", progress=False)
+    assert read_config(tmp_path / "a").model.num_classes == 10  # mnist5k is labelled
+    np.savez(tmp_path / "u.npz", images=np.zeros((16, 16, 16), np.uint8))
+    train(make_cfg("model.num_classes=-1", "train.max_steps=1", f"data.source=npz:{tmp_path / 'u.npz'}"),
+          tmp_path / "b", progress=False)
+    assert read_config(tmp_path / "b").model.num_classes == 0  # unlabelled: unconditional
+    from effusion.models import build_model
+
+    with pytest.raises(ConfigError, match="resolved against the data"):
+        build_model(make_cfg("model.num_classes=-1"))

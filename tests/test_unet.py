@@ -14,7 +14,7 @@ from effusion.models.layers import Attention
 
 def tiny(**kw) -> ModelConfig:
     base = dict(channels=8, channel_mult=(1, 2), attention_resolutions=(), norm_groups=4,
-                head_channels=8, num_res_blocks=1)
+                head_channels=8, num_res_blocks=1, num_classes=0)
     base.update(kw)
     return ModelConfig(**base)
 

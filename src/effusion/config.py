@@ -41,7 +41,9 @@ class ModelConfig:
     attention_resolutions: tuple[int, ...] = (7,)  # feature-map sizes that get self-attention
     head_channels: int = 32
     dropout: float = 0.0
-    num_classes: int = 0  # >0 adds a class embedding with an extra null class
+    # >0 adds a class embedding with an extra null class; -1 = auto: the data's class
+    # count if it has labels, else 0 (unconditional). Runs record the resolved value.
+    num_classes: int = -1
     norm_groups: int = 8
 
 
@@ -94,7 +96,7 @@ class SampleConfig:
     eta: float = 0.0  # DDIM noise; 0 = deterministic
     spacing: Literal["linspace", "leading", "trailing"] = "trailing"
     clip_x0: bool = True  # clamp the denoised estimate to [-1, 1] (pixel space)
-    guidance: float = 1.0  # class-conditional runs: classifier-free guidance weight (0 = unconditional)
+    guidance: float = 1.5  # class-conditional runs: classifier-free guidance weight (0 = unconditional)
 
 
 @dataclass
@@ -248,7 +250,7 @@ def validate(cfg: Config) -> None:
          "model.channel_mult must be a non-empty list of positive integers"),
         (cfg.model.num_res_blocks >= 1, "model.num_res_blocks must be >= 1"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (cfg.model.num_classes >= 0, "model.num_classes must be >= 0"),
+        (cfg.model.num_classes >= -1, "model.num_classes must be >= 0, or -1 for auto"),
         (cfg.diffusion.timesteps >= 2, "diffusion.timesteps must be >= 2"),
         (cfg.diffusion.min_snr_gamma > 0, "diffusion.min_snr_gamma must be > 0"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),

@@ -40,13 +40,17 @@ class LoadedRun:
                 raise ConfigError("guidance needs a class-conditional run (model.num_classes > 0)")
             return NetworkDenoiser(self.model, self.schedule, self.config.diffusion.prediction,
                                    clip_x0=clip, autocast=self.precision.autocast)
-        w = self.config.sample.guidance if guidance is None else guidance
+        learned_uncond = self.config.train.cond_drop > 0
+        if guidance is None:  # the run's default; plain conditional if it cannot guide
+            w = self.config.sample.guidance if learned_uncond else 1.0
+        else:
+            w = guidance
+            if w != 1.0 and not learned_uncond:
+                raise ConfigError("this run was trained with train.cond_drop=0, so it never "
+                                  "learned the unconditional prediction that guidance needs; "
+                                  "use guidance 1 (plain conditional)")
         if w < 0:
             raise ConfigError(f"guidance must be >= 0, got {w}")
-        if w not in (0.0, 1.0) and self.config.train.cond_drop == 0:
-            raise ConfigError("this run was trained with train.cond_drop=0, so it never learned "
-                              "the unconditional prediction that guidance needs; use guidance "
-                              "1 (plain conditional)")
         inner = NetworkDenoiser(self.model, self.schedule, self.config.diffusion.prediction,
                                 clip_x0=False, autocast=self.precision.autocast)
         return GuidedDenoiser(inner, self.num_classes, w, clip_x0=clip)

@@ -1,5 +1,7 @@
 """Networks: the U-Net denoiser, its building blocks, and the small classifiers."""
 
+from dataclasses import replace
+
 import torch.nn as nn
 
 from effusion.config import Config, ConfigError
@@ -10,7 +12,12 @@ from effusion.models.unet import UNet, count_params
 def build_model(cfg: Config, num_classes: int | None = None) -> nn.Module:
     """The network a run's config describes: the U-Net, or a classifier for `model.arch`
     mlp / cnn (whose class count is `model.num_classes`, or `num_classes` when given)."""
+    if cfg.model.num_classes < 0 and num_classes is None:
+        raise ConfigError("model.num_classes=-1 (auto) must be resolved against the data first "
+                          "(effusion.train.loop.resolve_for_data)")
     if cfg.model.arch == "unet":
+        if num_classes is not None:
+            cfg = replace(cfg, model=replace(cfg.model, num_classes=num_classes))
         return UNet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
     k = num_classes or cfg.model.num_classes
     if k < 2:

@@ -38,6 +38,9 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: ModelConfig, in_channels: int, image_size: int):
         super().__init__()
+        if cfg.num_classes < 0:
+            raise ValueError("model.num_classes=-1 (auto) must be resolved against the data "
+                             "before building the U-Net (effusion.train.loop.resolve_for_data)")
         self.cfg, self.in_channels, self.image_size = cfg, in_channels, image_size
         self.num_classes = cfg.num_classes
         self.grad_checkpointing = False

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from effusion.config import Config, ConfigError
-from effusion.data import BatchStream, augment, load_source, split, to_model_range
+from effusion.data import BatchStream, ImageSet, augment, load_source, split, to_model_range
 from effusion.models import build_model, count_params, is_classifier
 from effusion.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                                        load_checkpoint_state, load_weights, save_checkpoint,
@@ -65,6 +65,22 @@ def prepare_run_dir(run_dir: Path, resume: bool, fresh: bool) -> Path | None:
     return None
 
 
+def resolve_for_data(cfg: Config, data: ImageSet) -> Config:
+    """Settle `model.num_classes` against the data: -1 (auto) becomes the data's class
+    count when it has labels (a class-conditional model, or a classifier) and 0 (an
+    unconditional model) when it has none. Errors if labels are needed but missing."""
+    mc = cfg.model
+    if (mc.num_classes > 0 or is_classifier(cfg)) and data.labels is None:
+        raise ConfigError(f"model.arch={mc.arch} with model.num_classes={mc.num_classes} "
+                          f"needs labels, but data source {cfg.data.source!r} has none")
+    k = mc.num_classes
+    if k < 0 or (k == 0 and is_classifier(cfg)):
+        k = data.num_classes if data.labels is not None else 0
+    if k and data.num_classes > k:
+        raise ConfigError(f"data has {data.num_classes} classes but model.num_classes={k}")
+    return replace(cfg, model=replace(mc, num_classes=k))
+
+
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool = False,
           progress: bool = True) -> TrainResult:
     """Train the configured model (the U-Net, or a classifier for model.arch mlp / cnn),
@@ -83,15 +99,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
 
     # --- data: a fixed held-out split, then a resumable stream over the training split
     data = load_source(cfg.data)
-    if (cfg.model.num_classes or is_classifier(cfg)) and data.labels is None:
-        raise ConfigError(f"model.arch={cfg.model.arch} with model.num_classes="
-                          f"{cfg.model.num_classes} needs labels, but data source "
-                          f"{cfg.data.source!r} has none")
-    if is_classifier(cfg) and not cfg.model.num_classes:
-        cfg = replace(cfg, model=replace(cfg.model, num_classes=data.num_classes))
-    if cfg.model.num_classes and data.num_classes > cfg.model.num_classes:
-        raise ConfigError(f"data has {data.num_classes} classes but model.num_classes="
-                          f"{cfg.model.num_classes}")
+    cfg = resolve_for_data(cfg, data)
     train_set, val_set = split(data, cfg.data.val_fraction)
     stream = BatchStream(train_set, tc.batch_size, tc.seed)
 
@@ -126,8 +134,6 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
             scaler.load_state_dict(state["scaler"])
     write_config(run_dir, cfg)
     logger = MetricsLogger(run_dir, resume_step=step if ckpt is not None else None)
-    task = TASKS[cfg.model.arch](cfg, run_dir, train_set, val_set, prec, logger, mem_format)
-    task.load_state_dict(task_state) if task_state else None
 
     def epochs_done() -> float:
         return stream.epoch + stream.index / len(train_set)
@@ -149,82 +155,88 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
         save_checkpoint(run_dir, step, model=model, ema=ema.state_dict(), optimizer=opt,
                         rng=rng, state=state, keep=tc.keep_checkpoints)
 
-    held = f", {len(val_set)} held out" if val_set is not None else ""
-    print(f"effusion: training {count_params(model) / 1e6:.2f}M params ({cfg.model.arch}) on "
-          f"{len(train_set)} images{held} ({cfg.data.source}), {device.type} {prec.mode}, "
-          f"run dir {run_dir}")
-    bar = tqdm(total=100, unit="%", disable=not progress, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
-    bar.update(min(100.0, 100 * progress_of(step, elapsed)))
-    t0, last_log_t, last_log_images = time.perf_counter() - elapsed, time.perf_counter(), images_seen
-    loss_sum, loss_n, last_loss, in_a_row = 0.0, 0, math.nan, 0
-    model.train()
     try:
-        while progress_of(step, elapsed) < 1.0:
-            # --- batch: augment (all randomness from `gen`, so resume is exact)
-            epoch_before = stream.epoch
-            x_u8, labels = stream.next()
-            x0 = augment(to_model_range(x_u8), cfg.data, gen)
+        task = TASKS[cfg.model.arch](cfg, run_dir, train_set, val_set, prec, logger, mem_format)
+        if task_state:
+            task.load_state_dict(task_state)
+        held = f", {len(val_set)} held out" if val_set is not None else ""
+        kind = cfg.model.arch + (f", {cfg.model.num_classes} classes" if cfg.model.num_classes else "")
+        print(f"effusion: training {count_params(model) / 1e6:.2f}M params ({kind}) on "
+              f"{len(train_set)} images{held} ({cfg.data.source}), {device.type} {prec.mode}, "
+              f"run dir {run_dir}")
+        bar = tqdm(total=100, unit="%", disable=not progress, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+        bar.update(min(100.0, 100 * progress_of(step, elapsed)))
+        t0, last_log_t, last_log_images = time.perf_counter() - elapsed, time.perf_counter(), images_seen
+        loss_sum, loss_n, last_loss, in_a_row = 0.0, 0, math.nan, 0
+        model.train()
+        try:
+            while progress_of(step, elapsed) < 1.0:
+                # --- batch: augment (all randomness from `gen`, so resume is exact)
+                epoch_before = stream.epoch
+                x_u8, labels = stream.next()
+                x0 = augment(to_model_range(x_u8), cfg.data, gen)
 
-            # --- forward and backward; the task reduces its loss in fp32 whatever the precision
-            lr = tc.lr * lr_factor(step, progress_of(step, elapsed), tc.warmup_steps,
-                                   tc.lr_schedule, stream.epoch, tc.lr_step_every, tc.lr_gamma)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = task.loss(model, x0, labels, gen)
-            if not torch.isfinite(loss):
-                # Skip the update, keep the weights; give up if it persists.
-                skipped, in_a_row = skipped + 1, in_a_row + 1
+                # --- forward and backward; the task reduces its loss in fp32 whatever the precision
+                lr = tc.lr * lr_factor(step, progress_of(step, elapsed), tc.warmup_steps,
+                                       tc.lr_schedule, stream.epoch, tc.lr_step_every, tc.lr_gamma)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss = task.loss(model, x0, labels, gen)
+                if not torch.isfinite(loss):
+                    # Skip the update, keep the weights; give up if it persists.
+                    skipped, in_a_row = skipped + 1, in_a_row + 1
+                    opt.zero_grad(set_to_none=True)
+                    if in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                        raise TrainingError(
+                            f"loss was NaN/Inf for {in_a_row} steps in a row at step {step}; "
+                            f"the last checkpoint is kept. Try a lower train.lr (now {tc.lr:g}) "
+                            "or train.precision=fp32")
+                    continue
+                in_a_row = 0
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                             if tc.grad_clip > 0 else torch.tensor(float("nan")))
+                scaler.step(opt)
+                scaler.update()
                 opt.zero_grad(set_to_none=True)
-                if in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    raise TrainingError(
-                        f"loss was NaN/Inf for {in_a_row} steps in a row at step {step}; "
-                        f"the last checkpoint is kept. Try a lower train.lr (now {tc.lr:g}) "
-                        "or train.precision=fp32")
-                continue
-            in_a_row = 0
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                         if tc.grad_clip > 0 else torch.tensor(float("nan")))
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            ema.update(model)
-            step += 1
-            images_seen += x0.shape[0]
-            last_loss = loss.item()
-            loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
-            elapsed = time.perf_counter() - t0
+                ema.update(model)
+                step += 1
+                images_seen += x0.shape[0]
+                last_loss = loss.item()
+                loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
+                elapsed = time.perf_counter() - t0
 
-            # --- log, evaluate / sample, checkpoint
-            if step % tc.log_every == 0:
-                now = time.perf_counter()
-                ips = (images_seen - last_log_images) / max(now - last_log_t, 1e-9)
-                logger.log(step, {"loss": loss_sum / loss_n, "lr": lr, "grad_norm": grad_norm.item(),
-                                  "images_per_s": ips, "images_seen": images_seen,
-                                  "elapsed_s": elapsed, "skipped_steps": skipped,
-                                  "epoch": round(epochs_done(), 3)})
-                bar.set_postfix_str(f"step {step} loss {loss_sum / loss_n:.4f} {ips:.0f} img/s")
-                last_log_t, last_log_images, loss_sum, loss_n = now, images_seen, 0.0, 0
-            evals = task.periodic(ema.model, step, stream.epoch > epoch_before)
-            if evals:
-                logger.log(step, {**evals, "epoch": round(epochs_done(), 3)})
-                bar.write(f"step {step} epoch {epochs_done():.2f}: " + ", ".join(
-                    f"{k} {v:.4g}" for k, v in evals.items()))
-            if step % tc.checkpoint_every == 0:
-                checkpoint()
-            bar.update(min(100.0, 100 * progress_of(step, elapsed)) - bar.n)
-    except KeyboardInterrupt:
-        checkpoint()
+                # --- log, evaluate / sample, checkpoint
+                if step % tc.log_every == 0:
+                    now = time.perf_counter()
+                    ips = (images_seen - last_log_images) / max(now - last_log_t, 1e-9)
+                    logger.log(step, {"loss": loss_sum / loss_n, "lr": lr, "grad_norm": grad_norm.item(),
+                                      "images_per_s": ips, "images_seen": images_seen,
+                                      "elapsed_s": elapsed, "skipped_steps": skipped,
+                                      "epoch": round(epochs_done(), 3)})
+                    bar.set_postfix_str(f"step {step} loss {loss_sum / loss_n:.4f} {ips:.0f} img/s")
+                    last_log_t, last_log_images, loss_sum, loss_n = now, images_seen, 0.0, 0
+                evals = task.periodic(ema.model, step, stream.epoch > epoch_before)
+                if evals:
+                    logger.log(step, {**evals, "epoch": round(epochs_done(), 3)})
+                    bar.write(f"step {step} epoch {epochs_done():.2f}: " + ", ".join(
+                        f"{k} {v:.4g}" for k, v in evals.items()))
+                if step % tc.checkpoint_every == 0:
+                    checkpoint()
+                bar.update(min(100.0, 100 * progress_of(step, elapsed)) - bar.n)
+        except KeyboardInterrupt:
+            checkpoint()
+            bar.close()
+            print(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
+            raise
         bar.close()
-        print(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
-        raise
-    bar.close()
 
-    # --- finish: final checkpoint and the task's artifact (sample grid / curves)
-    if not list_checkpoints(run_dir) or latest_checkpoint(run_dir).name != f"step-{step:07d}":
-        checkpoint()
-    artifact = task.finish(ema.model, step)
-    logger.close()
-    return TrainResult(run_dir, step, images_seen, last_loss, elapsed / 60, artifact)
+        # --- finish: final checkpoint and the task's artifact (sample grid / curves)
+        if not list_checkpoints(run_dir) or latest_checkpoint(run_dir).name != f"step-{step:07d}":
+            checkpoint()
+        artifact = task.finish(ema.model, step)
+        return TrainResult(run_dir, step, images_seen, last_loss, elapsed / 60, artifact)
+    finally:
+        logger.close()  # also when training fails, so nothing is lost from metrics.jsonl

@@ -39,7 +39,8 @@ class DiffusionTask:
             from effusion.evaluate.features import FeatureScorer
 
             clf = load_classifier(cfg.train.eval_features) if cfg.train.eval_features else None
-            self.scorer = FeatureScorer.for_data(cfg.data, clf)
+            with torch.random.fork_rng(devices=[]):  # training the default one must not
+                self.scorer = FeatureScorer.for_data(cfg.data, clf)  # move this run's RNG
 
     def loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None,
              gen: torch.Generator) -> torch.Tensor:

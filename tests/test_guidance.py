@@ -131,3 +131,35 @@ def test_sample_cli_class_and_guidance(cond_run, tmp_path):
     assert np.load(npy).shape == (4, 16, 16)
     bad = CliRunner().invoke(app, ["sample", "--run", str(cond_run), "--class", "11"])
     assert bad.exit_code == 2 and "between 0 and 9" in bad.output
+
+
+def test_guidance_sweep_writes_json_and_plot(cond_run, tmp_path):
+    import json
+
+    from effusion.classify import classifier_config
+    from effusion.cli import app
+    from effusion.train.loop import train
+
+    clf = tmp_path / "clf"
+    train(classifier_config(["model.arch=mlp", "data.image_size=16", "train.epochs=1",
+                             "train.threads=1", "data.limit=300"]), clf, progress=False)
+    result = CliRunner().invoke(app, ["evaluate", "--run", str(cond_run), "--guidance-sweep",
+                                      "0,1,3", "--n", "20", "--steps", "2", "--features",
+                                      str(clf), "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output)
+    assert [x["guidance"] for x in r["sweep"]] == [0.0, 1.0, 3.0]
+    assert all("class_accuracy" in x and "fid" in x and "coverage" in x for x in r["sweep"])
+    assert json.loads((cond_run / "guidance_sweep.json").read_text())["sweep"] == r["sweep"]
+    assert (cond_run / "guidance_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    bad = CliRunner().invoke(app, ["evaluate", "--run", str(cond_run), "--guidance-sweep", "1,x"])
+    assert bad.exit_code == 2 and "comma list of numbers" in bad.output
+
+
+def test_guidance_sweep_needs_a_conditional_run(tmp_path, make_cfg):
+    from effusion.evaluate import guidance_sweep
+    from effusion.train.loop import train
+
+    train(make_cfg("train.max_steps=1"), tmp_path / "u", progress=False)
+    with pytest.raises(ConfigError, match="class-conditional"):
+        guidance_sweep(tmp_path / "u", [0, 1], n=10)

@@ -228,6 +228,7 @@ def evaluate(
     sampler: Optional[str] = typer.Option(None, "--sampler"),
     steps: Optional[int] = typer.Option(None, "--steps"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Class-conditional runs: guidance weight (default: the run's)."),
+    guidance_sweep: Optional[str] = typer.Option(None, "--guidance-sweep", help="Class-conditional runs: score each weight of a comma list, e.g. 0,1,2,3,5."),
     seed: int = typer.Option(123, "--seed"),
     features: Optional[Path] = typer.Option(None, "--features", help="Classifier run for features (default: cached, trained once)."),
     bpd_n: int = typer.Option(256, "--bpd-n", help="Held-out images for bits/dim (0 = skip)."),
@@ -241,6 +242,9 @@ def evaluate(
 
     if (run is None) == (images is None):
         raise ConfigError("give exactly one of --run DIR or --images FILE.npy")
+    if guidance_sweep is not None:
+        return _guidance_sweep(run, guidance_sweep, n, sampler, steps, seed, features, ema,
+                               device, as_json)
     if run is not None:
         r = evaluate_run(run, n, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
                          features=features,
@@ -266,6 +270,30 @@ def evaluate(
     typer.echo(f"features: {r['features']}")
     if run is not None:
         typer.echo(f"wrote {run / 'metrics.json'}")
+
+
+def _guidance_sweep(run: Optional[Path], spec: str, n: int, sampler: Optional[str],
+                    steps: Optional[int], seed: int, features: Optional[Path], ema: bool,
+                    device: str, as_json: bool) -> None:
+    from effusion.evaluate import guidance_sweep
+
+    if run is None:
+        raise ConfigError("--guidance-sweep needs --run DIR")
+    try:
+        weights = [float(w) for w in spec.split(",") if w.strip()]
+    except ValueError:
+        raise ConfigError(f"--guidance-sweep takes a comma list of numbers, got {spec!r}") from None
+    r = guidance_sweep(run, weights, n, sampler=sampler, steps=steps, seed=seed,
+                       features=features, ema=ema, device=device, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    typer.echo("| guidance | class accuracy | FID | KID | precision | recall | coverage |")
+    typer.echo("|---|---|---|---|---|---|---|")
+    for x in r["sweep"] + [{**r["real_floor"], "guidance": "real floor"}]:
+        typer.echo(f"| {x['guidance']} | {x['class_accuracy']:.4f} | {x['fid']:.2f} | "
+                   f"{x['kid']:.1f} | {x['precision']:.3f} | {x['recall']:.3f} | {x['coverage']:.4f} |")
+    typer.echo(f"wrote {run / 'guidance_sweep.json'} and {run / 'guidance_sweep.png'}")
 
 
 def main() -> None:

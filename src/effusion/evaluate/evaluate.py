@@ -74,29 +74,89 @@ def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = No
     `class_accuracy`. Bits/dim is estimated on up to `bpd_n` images of the run's held-out
     split (its training images if it has none: `bpd_split` says which); 0 skips it.
     """
-    from effusion.sampling import class_labels, generate, load_run
+    from effusion.sampling import load_run
 
     run_dir = Path(run_dir)
     run = load_run(run_dir, ema=ema, device=device)
     cfg = run.config
     scorer = _scorer(cfg.data, features, progress)
-    requested = class_labels(None, n, run.num_classes) if run.num_classes else None
-    t0 = time.perf_counter()
-    images = generate(run, n, sampler=sampler, steps=steps, seed=seed, cond=requested,
-                      guidance=guidance)
-    sample_s = time.perf_counter() - t0
     result: dict[str, Any] = {
         "run": str(run_dir), "step": run.step, "n": n, "seed": seed, "ema": ema,
         "sampler": sampler or cfg.sample.sampler, "steps": steps,
-        "guidance": (cfg.sample.guidance if guidance is None else guidance)
-        if run.num_classes else None,
-        "features": str(scorer.classifier.run_dir), "sample_seconds": round(sample_s, 2),
-        **score(scorer, images, requested)}
+        "features": str(scorer.classifier.run_dir),
+        **_sample_and_score(run, scorer, n, sampler, steps, guidance, seed)}
     if bpd_n:
         result.update(_bpd(run, bpd_n, bpd_strata, seed))
     result["real_floor"] = real_floor(scorer, n)
     _write_json(run_dir / "metrics.json", result)
     return result
+
+
+def _sample_and_score(run, scorer: FeatureScorer, n: int, sampler: str | None,
+                      steps: int | None, guidance: float | None, seed: int) -> dict[str, Any]:
+    from effusion.sampling import class_labels, generate
+
+    requested = class_labels(None, n, run.num_classes) if run.num_classes else None
+    t0 = time.perf_counter()
+    images = generate(run, n, sampler=sampler, steps=steps, seed=seed, cond=requested,
+                      guidance=guidance)
+    w = (run.config.sample.guidance if guidance is None else guidance) if run.num_classes else None
+    return {"guidance": w, "sample_seconds": round(time.perf_counter() - t0, 2),
+            **score(scorer, images, requested)}
+
+
+def guidance_sweep(run_dir: str | Path, weights: list[float], n: int = 1000, *,
+                   sampler: str | None = None, steps: int | None = None, seed: int = 123,
+                   features: str | Path | None = None, ema: bool = True, device: str = "auto",
+                   progress: bool = False) -> dict[str, Any]:
+    """Score a class-conditional run at each guidance weight (same seeds, same classes);
+    writes `RUN/guidance_sweep.json` and a PNG of class accuracy, FID and coverage vs w."""
+    from effusion.sampling import load_run
+
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, ema=ema, device=device)
+    if not run.num_classes:
+        raise ConfigError(f"--guidance-sweep needs a class-conditional run; {run_dir} has "
+                          "model.num_classes = 0")
+    if not weights or any(w < 0 for w in weights):
+        raise ConfigError(f"guidance weights must be >= 0, got {weights}")
+    scorer = _scorer(run.config.data, features, progress)
+    rows = []
+    for w in weights:
+        rows.append(_sample_and_score(run, scorer, n, sampler, steps, w, seed))
+        if progress:
+            r = rows[-1]
+            print(f"guidance {w:g}: class accuracy {r['class_accuracy']:.4f}, FID {r['fid']:.2f}, "
+                  f"coverage {r['coverage']:.4f}", flush=True)
+    result = {"run": str(run_dir), "step": run.step, "n": n, "seed": seed,
+              "sampler": sampler or run.config.sample.sampler, "steps": steps,
+              "features": str(scorer.classifier.run_dir), "sweep": rows,
+              "real_floor": real_floor(scorer, n)}
+    _write_json(run_dir / "guidance_sweep.json", result)
+    _plot_sweep(result, run_dir / "guidance_sweep.png")
+    return result
+
+
+def _plot_sweep(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = [r["guidance"] for r in result["sweep"]]
+    floor = result["real_floor"]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, key, label in zip(axes, ["class_accuracy", "fid", "coverage"],
+                              ["class accuracy", "FID", "coverage"]):
+        ax.plot(w, [r[key] for r in result["sweep"]], marker="o", label="samples")
+        ax.axhline(floor[key], color="gray", linestyle="--", label="real floor")
+        ax.set(xlabel="guidance weight w", title=label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{result['run']} (step {result['step']}, {result['n']} samples)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _bpd(run, bpd_n: int, strata: int, seed: int) -> dict[str, Any]:

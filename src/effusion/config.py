@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "mnist5k"  # mnist5k | digits | folder:PATH | npz:PATH
+    source: str = "mnist5k"  # mnist5k | digits | shapes[:N[:SEED]] | folder:PATH | npz:PATH
     image_size: int = 28
     channels: Literal[1, 3] = 1  # 1 = grayscale, 3 = RGB
     limit: int = 0  # use at most this many images (0 = all)
@@ -277,10 +277,9 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
     src = cfg.data.source
-    if not (src in ("mnist5k", "digits") or src.startswith(("folder:", "npz:"))):
-        raise ConfigError(
-            f"data.source {src!r} is not valid; choose mnist5k, digits, folder:PATH or npz:PATH"
-        )
+    if not (src in ("mnist5k", "digits", "shapes") or src.startswith(("folder:", "npz:", "shapes:"))):
+        raise ConfigError(f"data.source {src!r} is not valid; choose mnist5k, digits, "
+                          "shapes[:N[:SEED]], folder:PATH or npz:PATH")
     dev = cfg.train.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"train.device {dev!r} is not valid; choose auto, cpu, cuda or cuda:N")

@@ -1,4 +1,4 @@
-"""Image sources chosen by name: `mnist5k`, `digits`, `folder:PATH`, `npz:PATH`.
+"""Image sources chosen by name: `mnist5k`, `digits`, `shapes[:N[:SEED]]`, `folder:PATH`, `npz:PATH`.
 
 Every source returns an `ImageSet`: uint8 images (N, C, H, W) already at the configured
 size and channel count, optional int64 labels and class names. Small data sets live in
@@ -139,11 +139,31 @@ def _load_folder(path: Path, size: int, channels: int) -> ImageSet:
     return ImageSet(x.contiguous(), y, class_names)
 
 
+def _shapes_spec(src: str) -> tuple[int, int]:
+    """`shapes`, `shapes:N` or `shapes:N:SEED` -> (N, SEED); default 5,000 images, seed 0."""
+    parts = src.split(":")[1:]
+    try:
+        n = int(parts[0]) if parts else 5000
+        seed = int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        raise DataError(f"data.source {src!r}: expected shapes, shapes:N or shapes:N:SEED") from None
+    if len(parts) > 2 or n < 1:
+        raise DataError(f"data.source {src!r}: expected shapes, shapes:N or shapes:N:SEED "
+                        "with N >= 1")
+    return n, seed
+
+
 def load_source(cfg: DataConfig) -> ImageSet:
     """Load the configured source as uint8 (N, C, image_size, image_size)."""
     src = cfg.source
     if src.startswith("folder:"):
         data = _load_folder(Path(src[len("folder:"):]).expanduser(), cfg.image_size, cfg.channels)
+    elif src == "shapes" or src.startswith("shapes:"):
+        from effusion.data.shapes import SHAPE_CLASSES, make_shapes
+
+        n, seed = _shapes_spec(src)
+        x, y = make_shapes(n, cfg.image_size, seed=seed)
+        data = ImageSet(x, y, list(SHAPE_CLASSES))
     else:
         if src == "mnist5k":
             x, y = _load_mnist5k()
@@ -152,7 +172,8 @@ def load_source(cfg: DataConfig) -> ImageSet:
         elif src.startswith("npz:"):
             x, y = _load_npz(Path(src[len("npz:"):]).expanduser())
         else:
-            raise DataError(f"unknown data source {src!r}; choose mnist5k, digits, folder:PATH, npz:PATH")
+            raise DataError(f"unknown data source {src!r}; choose mnist5k, digits, shapes, "
+                            "folder:PATH, npz:PATH")
         if len(x) == 0:
             raise DataError(f"data source {src!r} is empty")
         t = torch.from_numpy(np.ascontiguousarray(x))

@@ -117,7 +117,7 @@ def test_malformed_set(item, fragment):
     ("model.channels=10", "multiple of model.norm_groups"),
     ("train.lr=0", "train.lr must be > 0"),
     ("diffusion.timesteps=1", "timesteps must be >= 2"),
-    ("data.source=imagenet", "choose mnist5k, digits, folder:PATH or npz:PATH"),
+    ("data.source=imagenet", "choose mnist5k, digits, shapes"),
     ("train.device=tpu", "choose auto, cpu, cuda or cuda:N"),
     ("model.dropout=1.0", "dropout must be in"),
 ])

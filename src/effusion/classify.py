@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from effusion.config import (Config, config_from_dict, load_config, parse_overrides,
-                             read_yaml_mapping)
+from effusion.config import Config, load_config
 from effusion.data import to_model_range
 from effusion.models import build_model, is_classifier
 from effusion.train.checkpoint import CheckpointError, latest_checkpoint, load_weights, read_config
@@ -35,14 +34,9 @@ CLASSIFIER_DEFAULTS: list[str] = [
 QUANTIZED_WEIGHTS = "quantized.safetensors"
 
 
-def classifier_config(overrides: list[str] | None = None, path: str | Path | None = None) -> Config:
-    """The classifier recipe, then a YAML file (if any), then `section.key=value` overrides."""
-    cfg = load_config(None, CLASSIFIER_DEFAULTS)
-    if path is not None:
-        cfg = config_from_dict(read_yaml_mapping(path), cfg)
-    if overrides:
-        cfg = config_from_dict(parse_overrides(overrides), cfg)
-    return cfg
+def classifier_config(overrides: list[str] | None = None) -> Config:
+    """The classifier recipe with `section.key=value` overrides applied last."""
+    return load_config(None, CLASSIFIER_DEFAULTS + list(overrides or []))
 
 
 @dataclass

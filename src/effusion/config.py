@@ -58,7 +58,8 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 128
+    batch_size: int = 128  # per micro-batch; one optimizer step sees batch_size * grad_accum
+    grad_accum: int = 1  # micro-batches per optimizer step (gradient accumulation)
     lr: float = 2e-3
     weight_decay: float = 0.0
     optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
@@ -254,6 +255,7 @@ def validate(cfg: Config) -> None:
         (cfg.diffusion.timesteps >= 2, "diffusion.timesteps must be >= 2"),
         (cfg.diffusion.min_snr_gamma > 0, "diffusion.min_snr_gamma must be > 0"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
         (cfg.train.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no time budget)"),

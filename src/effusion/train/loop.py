@@ -172,18 +172,26 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
         model.train()
         try:
             while progress_of(step, elapsed) < 1.0:
-                # --- batch: augment (all randomness from `gen`, so resume is exact)
+                # --- forward and backward over `grad_accum` micro-batches (augmented with all
+                # randomness from `gen`, so resume is exact); the task reduces its loss in fp32
                 epoch_before = stream.epoch
-                x_u8, labels = stream.next()
-                x0 = augment(to_model_range(x_u8), cfg.data, gen)
-
-                # --- forward and backward; the task reduces its loss in fp32 whatever the precision
                 lr = tc.lr * lr_factor(step, progress_of(step, elapsed), tc.warmup_steps,
                                        tc.lr_schedule, stream.epoch, tc.lr_step_every, tc.lr_gamma)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss = task.loss(model, x0, labels, gen)
-                if not torch.isfinite(loss):
+                step_loss, step_images, finite = 0.0, 0, True
+                for _ in range(tc.grad_accum):
+                    x_u8, labels = stream.next()
+                    x0 = augment(to_model_range(x_u8), cfg.data, gen)
+                    loss = task.loss(model, x0, labels, gen)
+                    if not torch.isfinite(loss):
+                        finite = False
+                        break
+                    # Equal micro-batches: the mean of their means is the big batch's mean.
+                    scaler.scale(loss / tc.grad_accum).backward()
+                    step_loss += loss.item() / tc.grad_accum
+                    step_images += x0.shape[0]
+                if not finite:
                     # Skip the update, keep the weights; give up if it persists.
                     skipped, in_a_row = skipped + 1, in_a_row + 1
                     opt.zero_grad(set_to_none=True)
@@ -194,7 +202,6 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
                             "or train.precision=fp32")
                     continue
                 in_a_row = 0
-                scaler.scale(loss).backward()
                 scaler.unscale_(opt)
                 grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                              if tc.grad_clip > 0 else torch.tensor(float("nan")))
@@ -203,8 +210,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
                 opt.zero_grad(set_to_none=True)
                 ema.update(model)
                 step += 1
-                images_seen += x0.shape[0]
-                last_loss = loss.item()
+                images_seen += step_images
+                last_loss = step_loss
                 loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
                 elapsed = time.perf_counter() - t0
 

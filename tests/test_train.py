@@ -269,3 +269,17 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
         assert torch.allclose(big[k], small[k], atol=1e-5), k
     with pytest.raises(ConfigError, match="grad_accum"):
         weights(4, 0, "bad")
+
+
+def test_tf32_switch_sets_the_flags_and_says_cpu_is_a_no_op(run_dir, make_cfg, capsys):
+    from effusion.train.precision import apply_tf32
+
+    try:
+        train(make_cfg("train.tf32=false", "train.max_steps=1"), run_dir, progress=False)
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert "train.tf32=false: no effect on cpu" in capsys.readouterr().out
+        note = apply_tf32(True, torch.device("cpu"))
+        assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32
+        assert "no effect on cpu" in note
+    finally:
+        apply_tf32(False, torch.device("cpu"))  # torch's own default for matmul

@@ -77,6 +77,7 @@ class TrainConfig:
     ema_warmup: bool = True  # decay ramps as min(decay, (1+n)/(10+n))
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    tf32: bool = True  # CUDA (Ampere+): TF32 matmul/cuDNN for fp32 work; no effect on CPU
     channels_last: bool = False  # NCHW is faster on CPU: GroupNorm in channels_last bf16 is ~7x slower
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default

@@ -26,7 +26,7 @@ from effusion.train.checkpoint import (CheckpointError, latest_checkpoint, list_
 from effusion.train.ema import EMA
 from effusion.train.logging import MetricsLogger
 from effusion.train.optim import build_optimizer, lr_factor
-from effusion.train.precision import Precision, resolve_device, resolve_precision
+from effusion.train.precision import Precision, apply_tf32, resolve_device, resolve_precision
 from effusion.train.tasks import TASKS
 
 MAX_NONFINITE_IN_A_ROW = 10
@@ -96,6 +96,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    tf32_note = apply_tf32(tc.tf32, device)
 
     # --- data: a fixed held-out split, then a resumable stream over the training split
     data = load_source(cfg.data)
@@ -164,6 +165,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
         print(f"effusion: training {count_params(model) / 1e6:.2f}M params ({kind}) on "
               f"{len(train_set)} images{held} ({cfg.data.source}), {device.type} {prec.mode}, "
               f"run dir {run_dir}")
+        print(f"effusion: {tf32_note}")
         bar = tqdm(total=100, unit="%", disable=not progress, dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
         bar.update(min(100.0, 100 * progress_of(step, elapsed)))

@@ -212,3 +212,18 @@ def test_evaluate_features_must_match_images(trained_run, tmp_path):
     result = CliRunner().invoke(app, ["evaluate", "--images", str(tmp_path / "x.npy"),
                                       "--features", str(clf)])
     assert result.exit_code == 2 and "16px" in result.output and "28px" in result.output
+
+
+def test_classifier_resume_keeps_the_runs_config(cli_classifier, tmp_path):
+    import shutil
+
+    from effusion.train.checkpoint import read_config
+
+    run = tmp_path / "clf"
+    shutil.copytree(cli_classifier, run)
+    # Flags other than --set are ignored on resume: the run continues as it was configured.
+    result = CliRunner().invoke(app, ["classifier", "train", "--run", str(run), "--resume",
+                                      "--arch", "cnn", "--quiet", "--set", "train.epochs=2"])
+    assert result.exit_code == 0, result.output
+    cfg = read_config(run)
+    assert cfg.model.arch == "mlp" and cfg.train.optimizer == "rmsprop" and cfg.train.epochs == 2

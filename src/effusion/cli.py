@@ -37,6 +37,14 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _resumed_config(run: Path, set_: list[str]):
+    """A resumed run continues with its own config.yaml; only --set may change it."""
+    from effusion.config import config_from_dict, parse_overrides
+    from effusion.train.checkpoint import read_config
+
+    return config_from_dict(parse_overrides(set_), read_config(run))
+
+
 @app.command()
 @user_errors
 def train(
@@ -48,17 +56,13 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train a diffusion model (default: the MNIST recipe in configs/mnist.yaml)."""
-    from effusion.config import config_from_dict, load_config, parse_overrides
-    from effusion.train.checkpoint import read_config
+    from effusion.config import load_config
     from effusion.train.loop import train as train_fn
 
-    if resume:
-        if config is not None:
-            raise ConfigError("--resume uses the run's own config.yaml; drop --config "
-                              "(--set may still change e.g. train.max_steps)")
-        cfg = config_from_dict(parse_overrides(set_), read_config(run))
-    else:
-        cfg = load_config(config, set_)
+    if resume and config is not None:
+        raise ConfigError("--resume uses the run's own config.yaml; drop --config "
+                          "(--set may still change e.g. train.max_steps)")
+    cfg = _resumed_config(run, set_) if resume else load_config(config, set_)
     result = train_fn(cfg, run, resume=resume, fresh=fresh, progress=not quiet)
     typer.echo(f"trained {result.step} steps ({result.images_seen} images) in "
                f"{result.minutes:.1f} min; last loss {result.loss:.4f}")
@@ -186,7 +190,8 @@ def classifier_train(
         overrides += ["data.hflip=false", "data.rotate=0", "data.translate=0"]
         overrides += [AUGMENTATIONS[a] for a in augs]
     overrides += list(set_)
-    cfg = classifier_config(overrides)
+    # A resumed run keeps its own config (flags given with --resume are ignored; --set applies).
+    cfg = _resumed_config(run, set_) if resume else classifier_config(overrides)
     result = train_fn(cfg, run, resume=resume, fresh=fresh, progress=not quiet)
     from effusion.train.logging import read_metrics
 
@@ -258,12 +263,14 @@ def evaluate(
     floor = r["real_floor"]
     typer.echo(f"| metric | {'samples' if run else images.name} (n={r['n']}) | "
                f"real floor (n={floor['n']}) |\n|---|---|---|")
+    def cell(d: dict, k: str) -> str:
+        if k not in d:
+            return "-"
+        return f"{d[k]:.4f}" + (f" ± {d['kid_std']:.4f}" if k == "kid" else "")
+
     for k in ("fid", "kid", "precision", "recall", "coverage", "confidence", "class_accuracy"):
         if k in r:
-            extra = f" ± {r['kid_std']:.4f}" if k == "kid" else ""
-            fl = f" ± {floor['kid_std']:.4f}" if k == "kid" else ""
-            typer.echo(f"| {k} | {r[k]:.4f}{extra} | "
-                       f"{floor[k]:.4f}{fl} |" if k in floor else f"| {k} | {r[k]:.4f} | - |")
+            typer.echo(f"| {k} | {cell(r, k)} | {cell(floor, k)} |")
     if "bpd" in r:
         typer.echo(f"| bits/dim ({r['bpd_split']} images, n={r['bpd_images']}) | "
                    f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f} | - |")

@@ -33,6 +33,7 @@ class DiffusionTask:
         self.cfg, self.run_dir, self.prec, self.logger = cfg, run_dir, prec, logger
         self.mem_format = mem_format
         self.schedule = schedule_for(cfg)
+        self.last_grid: Path | None = None
         self.scorer = None
         if cfg.train.eval_every:
             from effusion.classify import load_classifier  # only when asked for
@@ -70,7 +71,7 @@ class DiffusionTask:
         return {}
 
     def finish(self, ema_model: nn.Module, step: int) -> Path:
-        grid = getattr(self, "last_grid", None)
+        grid = self.last_grid
         if grid is None or grid.name != f"step-{step:07d}.png":
             grid = self.sample_grid(ema_model, step)
         return grid

@@ -30,8 +30,17 @@ def _weights(path):
     return load_file(str(path))
 
 
-def test_resume_equals_uninterrupted(tmp_path, make_cfg):
-    cfg = make_cfg(*RESUME_OVERRIDES)
+@pytest.mark.parametrize("switches", [
+    [],
+    # 8-bit moments (a wider model, so some tensors reach bitsandbytes' 4096-element
+    # minimum) and background loader workers with augmentation
+    ["train.optimizer=adamw8bit", "model.channels=32", "model.norm_groups=8",
+     "train.workers=2", "data.translate=2", "data.hflip=true"],
+], ids=["default", "8bit-workers-augment"])
+def test_resume_equals_uninterrupted(tmp_path, make_cfg, switches):
+    if "train.optimizer=adamw8bit" in switches:
+        pytest.importorskip("bitsandbytes")
+    cfg = make_cfg(*RESUME_OVERRIDES, *switches)
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     res_a = train(cfg, run_a, progress=False)
     assert res_a.step == 8 and res_a.images_seen == 8 * cfg.train.batch_size

@@ -54,14 +54,21 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete this run's old checkpoints first."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Latent diffusion: the run directory "
+                                       "of a trained VAE (sets model.space=latent)."),
 ) -> None:
     """Train a diffusion model (default: the MNIST recipe in configs/mnist.yaml)."""
     from effusion.config import load_config
     from effusion.train.loop import train as train_fn
 
-    if resume and config is not None:
-        raise ConfigError("--resume uses the run's own config.yaml; drop --config "
+    if resume and (config is not None or vae is not None):
+        raise ConfigError("--resume uses the run's own config.yaml; drop --config and --vae "
                           "(--set may still change e.g. train.max_steps)")
+    if vae is not None:
+        from effusion.latent import load_vae
+
+        load_vae(vae)  # fail now, with a clear message, if it is not a finished VAE run
+        set_ = [f"model.space=latent", f"model.vae={vae.resolve()}"] + list(set_)
     cfg = _resumed_config(run, set_) if resume else load_config(config, set_)
     result = train_fn(cfg, run, resume=resume, fresh=fresh, progress=not quiet)
     typer.echo(f"trained {result.step} steps ({result.images_seen} images) in "
@@ -301,6 +308,85 @@ def _guidance_sweep(run: Optional[Path], spec: str, n: int, sampler: Optional[st
         typer.echo(f"| {x['guidance']} | {x['class_accuracy']:.4f} | {x['fid']:.2f} | "
                    f"{x['kid']:.1f} | {x['precision']:.3f} | {x['recall']:.3f} | {x['coverage']:.4f} |")
     typer.echo(f"wrote {run / 'guidance_sweep.json'} and {run / 'guidance_sweep.png'}")
+
+
+vae_app = typer.Typer(no_args_is_help=True, help="The autoencoder of latent diffusion.")
+app.add_typer(vae_app, name="vae")
+
+
+@vae_app.command("train")
+@user_errors
+def vae_train(
+    data: str = typer.Option("mnist5k", "--data", help="mnist5k | digits | shapes[:N[:SEED]] | folder:PATH | npz:PATH"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Default: the data's config default (28)."),
+    channels: Optional[int] = typer.Option(None, "--channels", help="1 (grayscale) or 3 (RGB)."),
+    latent_channels: Optional[int] = typer.Option(None, "--latent-channels", help="Default 4."),
+    downsample: Optional[int] = typer.Option(None, "--downsample", help="Spatial factor, a power of 2 (default 4)."),
+    recon: Optional[str] = typer.Option(None, "--recon", help="l1 | l2 (default l1)."),
+    kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help="Default 1e-4."),
+    feature_weight: Optional[float] = typer.Option(None, "--feature-weight",
+                                                   help="Feature loss through the data's classifier (default 0: off)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    set_: list[str] = typer.Option([], "--set", help="Any other config value, e.g. train.max_minutes=10."),
+    run: Path = typer.Option(Path("runs/vae"), "--run", help="Run directory to write."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete this run's old checkpoints first."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train the VAE; reports held-out reconstruction PSNR and the latent scale factor."""
+    from effusion.latent import VAE_INFO, vae_config
+    from effusion.train.loop import train as train_fn
+
+    flags = {"data.image_size": image_size, "data.channels": channels,
+             "vae.latent_channels": latent_channels, "vae.downsample": downsample,
+             "vae.recon": recon, "vae.kl_weight": kl_weight, "vae.feature_weight": feature_weight}
+    overrides = [f"data.source={data}"] + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    overrides += list(set_)
+    cfg = _resumed_config(run, set_) if resume else vae_config(overrides, config)
+    if cfg.model.arch != "vae":
+        raise ConfigError(f"effusion vae train needs model.arch=vae, got {cfg.model.arch}")
+    result = train_fn(cfg, run, resume=resume, fresh=fresh, progress=not quiet)
+    info = json.loads((run / VAE_INFO).read_text())
+    typer.echo(f"trained {result.step} steps in {result.minutes:.1f} min; reconstruction PSNR "
+               f"{info['psnr_db']:.2f} dB ({info['psnr_on']}), latents {tuple(info['latent_shape'])}, "
+               f"scale factor {info['scale_factor']:.4f}")
+    typer.echo(f"reconstructions: {result.grid}")
+    typer.echo(f"train latent diffusion on it with: effusion train --vae {run} --set data.source={cfg.data.source} ...")
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Measure the efficiency switches on this machine.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("train")
+@user_errors
+def bench_train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (default: the MNIST recipe)."),
+    steps: int = typer.Option(50, "--steps", help="Training steps per variant (quality is compared after these)."),
+    warmup: int = typer.Option(5, "--warmup", help="Steps left out of the timing."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma list of variants (the fp32 baseline always runs): "
+                                       "bf16, fp16, tf32, channels_last, compile, ckpt_blocks, ckpt_all, "
+                                       "adamw8bit, grad_accum, workers, fastest."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value for every variant."),
+    out: Path = typer.Option(Path("bench"), "--out", help="Folder for bench_train.{md,json,png}."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON instead of the table."),
+) -> None:
+    """Baseline, each technique alone and the fastest combination, each in a fresh process:
+    images/s, peak memory (weights + optimizer vs activations) and quality kept."""
+    from effusion.bench import bench_train as run_bench
+    from effusion.bench import markdown, write
+
+    if config is not None and not config.is_file():
+        raise ConfigError(f"config file not found: {config}")
+    keys = [k.strip() for k in only.split(",") if k.strip()] if only else None
+    result = run_bench(str(config) if config else None, steps=steps, warmup=warmup, only=keys,
+                       overrides=set_, progress=not as_json)
+    paths = write(result, out)
+    if as_json:
+        typer.echo(paths["json"].read_text())
+        return
+    typer.echo(markdown(result))
+    typer.echo(f"wrote {paths['markdown']}, {paths['json']} and {paths['png']}")
 
 
 def main() -> None:

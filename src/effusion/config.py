@@ -34,7 +34,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["unet", "mlp", "cnn"] = "unet"  # unet = diffusion; mlp / cnn = classifier
+    arch: Literal["unet", "mlp", "cnn", "vae"] = "unet"  # unet = diffusion; mlp / cnn = classifier; vae
+    space: Literal["pixel", "latent"] = "pixel"  # unet: denoise pixels, or the latents of model.vae
+    vae: str = ""  # latent space: the VAE's run directory (effusion vae train)
     channels: int = 32  # base width of the U-Net
     channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per resolution level
     num_res_blocks: int = 1  # residual blocks per level (decoder gets one more)
@@ -45,6 +47,17 @@ class ModelConfig:
     # count if it has labels, else 0 (unconditional). Runs record the resolved value.
     num_classes: int = -1
     norm_groups: int = 8
+
+
+@dataclass
+class VAEConfig:
+    """The autoencoder of latent diffusion (model.arch=vae); widths from model.channels."""
+
+    latent_channels: int = 4
+    downsample: int = 4  # spatial factor, a power of 2 (one stride-2 level per factor 2)
+    recon: Literal["l1", "l2"] = "l1"
+    kl_weight: float = 1e-4  # on the per-element KL to N(0, I), next to the per-pixel loss
+    feature_weight: float = 0.0  # > 0: add a feature loss through the data's classifier
 
 
 @dataclass
@@ -62,7 +75,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (gradient accumulation)
     lr: float = 2e-3
     weight_decay: float = 0.0
-    optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
+    # adamw8bit: AdamW with block-wise 8-bit moments (bitsandbytes; CPU and CUDA)
+    optimizer: Literal["adamw", "adamw8bit", "adam", "rmsprop", "sgd"] = "adamw"
     momentum: float = 0.9  # sgd (Nesterov) and rmsprop
     lr_schedule: Literal["cosine", "step", "none"] = "cosine"  # after the warm-up
     lr_step_every: int = 1  # step schedule: multiply the LR by lr_gamma every N epochs
@@ -79,6 +93,14 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     tf32: bool = True  # CUDA (Ampere+): TF32 matmul/cuDNN for fp32 work; no effect on CPU
     channels_last: bool = False  # NCHW is faster on CPU: GroupNorm in channels_last bf16 is ~7x slower
+    compile: bool = False  # torch.compile the model (falls back to eager if compiling fails)
+    # Recompute activations in backward instead of storing them: none; blocks = each U-Net
+    # block, keeping conv/attention outputs (recomputes only cheap norm/activation work);
+    # all = each block in full, plus skip concatenation, resampling and the output head.
+    grad_checkpointing: Literal["none", "blocks", "all"] = "none"
+    workers: int = 0  # background threads that assemble the next batches (0 = main thread)
+    prefetch: int = 2  # batches prepared ahead per worker
+    pin_memory: bool = True  # CUDA: page-locked host batches, copied asynchronously
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     log_every: int = 25
@@ -108,6 +130,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
 
     def to_dict(self) -> dict[str, Any]:
         def plain(v: Any) -> Any:
@@ -264,6 +287,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.train.workers >= 0, "train.workers must be >= 0 (0 = load in the main thread)"),
+        (cfg.train.prefetch >= 1, "train.prefetch must be >= 1"),
         (0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)"),
         (cfg.train.epochs >= 0, "train.epochs must be >= 0 (0 = no epoch limit)"),
         (cfg.train.lr_step_every >= 1, "train.lr_step_every must be >= 1"),
@@ -275,6 +300,16 @@ def validate(cfg: Config) -> None:
         (cfg.train.eval_n >= 2, "train.eval_n must be >= 2"),
         (cfg.sample.steps >= 1, "sample.steps must be >= 1"),
         (cfg.sample.eta >= 0, "sample.eta must be >= 0"),
+        (cfg.vae.latent_channels >= 1, "vae.latent_channels must be >= 1"),
+        (cfg.vae.downsample >= 1 and cfg.vae.downsample & (cfg.vae.downsample - 1) == 0,
+         "vae.downsample must be a power of 2 (1, 2, 4, 8, ...)"),
+        (cfg.vae.kl_weight >= 0, "vae.kl_weight must be >= 0"),
+        (cfg.vae.feature_weight >= 0, "vae.feature_weight must be >= 0"),
+        (cfg.model.space == "pixel" or cfg.model.vae,
+         "model.space=latent needs model.vae: the run directory of a trained VAE "
+         "(effusion vae train; then effusion train --vae RUN_DIR)"),
+        (cfg.model.space == "pixel" or cfg.model.arch == "unet",
+         "model.space=latent applies to the diffusion U-Net (model.arch=unet) only"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from effusion.diffusion import SAMPLERS, GuidedDenoiser, NetworkDenoiser, Schedu
 from effusion.models import UNet, build_model
 from effusion.train.checkpoint import CheckpointError, latest_checkpoint, load_weights, read_config
 from effusion.train.precision import Precision, bf16_supported, resolve_device, resolve_precision
+
+if TYPE_CHECKING:
+    from effusion.latent import LoadedVAE
 
 
 @dataclass
@@ -25,6 +29,7 @@ class LoadedRun:
     schedule: Schedule
     step: int
     precision: Precision
+    vae: "LoadedVAE | None" = None  # latent runs: decodes the sampled latents
 
     @property
     def num_classes(self) -> int:
@@ -35,6 +40,7 @@ class LoadedRun:
         """The network as a Denoiser; class-conditional runs are wrapped in classifier-free
         guidance with weight `guidance` (default: the run's `sample.guidance`)."""
         clip = self.config.sample.clip_x0 if clip_x0 is None else clip_x0
+        clip = clip and self.vae is None  # latents have no fixed range to clip to
         if not self.num_classes:
             if guidance is not None:
                 raise ConfigError("guidance needs a class-conditional run (model.num_classes > 0)")
@@ -88,7 +94,12 @@ def load_run(run_dir: str | Path, ema: bool = True, device: str = "auto",
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     step = int(ckpt.name.split("-")[1])
-    return LoadedRun(run_dir, cfg, model, schedule_for(cfg), step, prec)
+    vae = None
+    if cfg.model.space == "latent":
+        from effusion.latent import load_vae
+
+        vae = load_vae(cfg.model.vae, dev)
+    return LoadedRun(run_dir, cfg, model, schedule_for(cfg), step, prec, vae)
 
 
 def class_labels(spec: str | int | list[int] | None, n: int, num_classes: int) -> torch.Tensor:
@@ -141,8 +152,11 @@ def generate(run: LoadedRun, n: int, *, sampler: str | None = None, steps: int |
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         c = None if cond is None else cond[start:start + b].to(run.precision.device)
-        x = sample(name, den, run.schedule, (b, d.channels, d.image_size, d.image_size),
-                   steps, generator=gen, device=run.precision.device, cond=c,
-                   eta=sc.eta if eta is None else eta, spacing=sc.spacing)
+        shape = (b, *run.vae.latent_shape) if run.vae else (b, d.channels, d.image_size, d.image_size)
+        x = sample(name, den, run.schedule, shape, steps, generator=gen,
+                   device=run.precision.device, cond=c, eta=sc.eta if eta is None else eta,
+                   spacing=sc.spacing)
+        if run.vae is not None:
+            x = run.vae.decode(x)
         out.append(to_uint8(x).cpu())
     return torch.cat(out)

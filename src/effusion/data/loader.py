@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +77,14 @@ class BatchStream:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (uint8 images (B, C, H, W), labels (B,) or None); batches span epochs."""
+        return self.gather(self.next_indices())
+
+    def gather(self, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        labels = None if self.data.labels is None else self.data.labels[sel]
+        return self.data.images[sel], labels
+
+    def next_indices(self) -> torch.Tensor:
+        """Advance by one batch and return its indices into the data."""
         parts, need = [], self.batch_size
         while need > 0:
             take = self._perm[self.index: self.index + need]
@@ -84,9 +94,7 @@ class BatchStream:
             if self.index >= len(self.data):
                 self.epoch, self.index = self.epoch + 1, 0
                 self._perm = self._permutation(self.epoch)
-        sel = torch.cat(parts)
-        labels = None if self.data.labels is None else self.data.labels[sel]
-        return self.data.images[sel], labels
+        return torch.cat(parts)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
@@ -94,3 +102,83 @@ class BatchStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._perm = self._permutation(self.epoch)
+
+
+class BatchLoader:
+    """Training batches: the stream's images as floats in [-1, 1], augmented.
+
+    A batch's augmentation draws from its own generator, seeded by (seed, batch number), so
+    the result does not depend on how many workers prepared it or on when a run resumed.
+    With `workers > 0`, background threads gather, convert and augment the next
+    `workers * prefetch` batches while the model trains on the current one (torch ops
+    release the GIL); `pin` puts each batch in page-locked memory for an asynchronous copy
+    to a CUDA device. The resumable position is that of the last batch handed out, not of
+    the ones prepared ahead.
+    """
+
+    def __init__(self, stream: BatchStream, cfg: DataConfig, seed: int, workers: int = 0,
+                 prefetch: int = 2, pin: bool = False):
+        self.stream, self.cfg, self.seed, self.pin = stream, cfg, seed, pin
+        self.batches = 0  # batches handed out so far (numbers the next one)
+        self._position = stream.state_dict()
+        self._workers, self._depth = workers, workers * prefetch
+        self._pool = self._new_pool()
+        self._ahead: deque[tuple[Future, dict[str, int]]] = deque()
+        self._issued = 0  # batches taken from the stream (handed out or in flight)
+
+    def _make(self, sel: torch.Tensor, number: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, labels = self.stream.gather(sel)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + number + 7)
+        # uint8 images become floats in [-1, 1]; float data (cached latents) is used as is
+        x = augment(to_model_range(x) if x.dtype == torch.uint8 else x.float(), self.cfg, g)
+        if self.pin:
+            x = x.pin_memory()
+            labels = None if labels is None else labels.pin_memory()
+        return x, labels
+
+    def _issue(self) -> tuple[Future | tuple, dict[str, int]]:
+        sel, number = self.stream.next_indices(), self._issued
+        self._issued += 1
+        job = self._pool.submit(self._make, sel, number) if self._pool else self._make(sel, number)
+        return job, self.stream.state_dict()
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._pool is None:
+            batch, self._position = self._issue()
+        else:
+            while len(self._ahead) < self._depth:
+                self._ahead.append(self._issue())
+            job, self._position = self._ahead.popleft()
+            batch = job.result()
+        self.batches += 1
+        return batch
+
+    @property
+    def epoch(self) -> int:
+        return self._position["epoch"]
+
+    @property
+    def index(self) -> int:
+        return self._position["index"]
+
+    def state_dict(self) -> dict[str, int]:
+        return {**self._position, "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.close()
+        self.stream.load_state_dict(state)
+        self._position = self.stream.state_dict()
+        self.batches = self._issued = int(state.get("batches", 0))
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ThreadPoolExecutor | None:
+        return (ThreadPoolExecutor(self._workers, thread_name_prefix="effusion-data")
+                if self._workers else None)
+
+    def close(self) -> None:
+        for job, _ in self._ahead:
+            job.cancel()
+        self._ahead.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

@@ -26,7 +26,7 @@ class DataError(ConfigError):
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # (N, C, H, W) uint8
+    images: torch.Tensor  # (N, C, H, W) uint8 (float32 for cached VAE latents)
     labels: torch.Tensor | None  # (N,) int64
     class_names: list[str]
 

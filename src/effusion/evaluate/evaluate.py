@@ -85,7 +85,10 @@ def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = No
         "sampler": sampler or cfg.sample.sampler, "steps": steps,
         "features": str(scorer.classifier.run_dir),
         **_sample_and_score(run, scorer, n, sampler, steps, guidance, seed)}
-    if bpd_n:
+    if bpd_n and run.vae is not None:
+        result["bpd_note"] = ("not computed: bits/dim is a pixel-space likelihood, and this "
+                              "run models VAE latents")
+    elif bpd_n:
         result.update(_bpd(run, bpd_n, bpd_strata, seed))
     result["real_floor"] = real_floor(scorer, n)
     _write_json(run_dir / "metrics.json", result)

@@ -24,13 +24,14 @@ def norm(channels: int, groups: int) -> nn.GroupNorm:
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the time/class embedding as a scale and shift of the
-    second normalisation (the "adaptive group norm" of Dhariwal & Nichol 2021, sec. 3)."""
+    second normalisation (the "adaptive group norm" of Dhariwal & Nichol 2021, sec. 3).
+    With `emb_dim=0` it takes no embedding (the VAE's plain residual block)."""
 
     def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float):
         super().__init__()
         self.norm1 = norm(cin, groups)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * cout)
+        self.emb = nn.Linear(emb_dim, 2 * cout) if emb_dim else None
         self.norm2 = norm(cout, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
@@ -38,10 +39,13 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
+        if self.emb is None:
+            h = self.norm2(h)
+        else:
+            scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 

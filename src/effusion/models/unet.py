@@ -8,14 +8,41 @@ works: downsampling rounds odd sizes up and upsampling restores the skip's exact
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
 
 from effusion.config import ModelConfig
 from effusion.models.layers import (Attention, Downsample, ResBlock, Upsample, norm,
                                     timestep_embedding)
+
+
+def _saved_ops() -> frozenset:
+    """Ops whose outputs `grad_checkpointing=blocks` keeps: the expensive ones (convolutions,
+    linear layers, attention kernels). Everything else in a block — GroupNorm, SiLU, the
+    adaptive scale/shift, dropout, concatenation, dtype casts — is recomputed in backward."""
+    aten = torch.ops.aten
+    names = ["convolution", "addmm", "mm", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention"]
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+def _keep_expensive(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_keep_expensive)
+
+
+def _cat_then(block: nn.Module, h: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    # Inside the checkpointed function, so the (large) concatenation is not stored either.
+    return block(torch.cat([h, skip], dim=1), emb)
 
 
 class EmbedSequential(nn.ModuleList):
@@ -43,7 +70,7 @@ class UNet(nn.Module):
                              "before building the U-Net (effusion.train.loop.resolve_for_data)")
         self.cfg, self.in_channels, self.image_size = cfg, in_channels, image_size
         self.num_classes = cfg.num_classes
-        self.grad_checkpointing = False
+        self.grad_checkpointing = "none"  # none | blocks | all (see TrainConfig)
         ch, g, emb_dim = cfg.channels, cfg.norm_groups, 4 * cfg.channels
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # Index num_classes is the null class ("no label"), used for unconditional samples and
@@ -85,11 +112,19 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # predicts 0 at init: a stable start for any objective
         nn.init.zeros_(self.conv_out.bias)
 
-    def _call(self, block: nn.Module, *args) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            # Recompute this block's activations in backward instead of storing them.
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _runner(self):
+        """How to call each block: directly, or checkpointed (its activations recomputed in
+        backward instead of stored; only when training with grad)."""
+        mode = self.grad_checkpointing
+        if mode not in ("none", "blocks", "all"):
+            raise ValueError(f"grad_checkpointing must be none, blocks or all, got {mode!r}")
+        if mode == "none" or not (self.training and torch.is_grad_enabled()):
+            return lambda fn, *args: fn(*args)
+        extra = {"context_fn": _selective_context} if mode == "blocks" else {}
+        return functools.partial(checkpoint, use_reentrant=False, **extra)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,18 +136,19 @@ class UNet(nn.Module):
         elif cond is not None:
             raise ValueError("this model has no class embedding (model.num_classes = 0) "
                              "but class labels were given")
+        run = self._runner()
         h = self.conv_in(x)
-        hs = [h]
+        hs = [h]  # the skips are kept in every mode: the decoder needs them
         for block in self.down:
-            h = self._call(block, h, emb)
+            h = run(block, h, emb)
             hs.append(h)
-        h = self._call(self.mid, h, emb)
+        h = run(self.mid, h, emb)
         for block in self.up:
             if isinstance(block, Upsample):
-                h = block(h, hs[-1].shape[-2:])
+                h = run(block, h, hs[-1].shape[-2:])
             else:
-                h = self._call(block, torch.cat([h, hs.pop()], dim=1), emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                h = run(_cat_then, block, h, hs.pop(), emb)
+        return run(self._head, h)
 
 
 def count_params(model: nn.Module) -> int:

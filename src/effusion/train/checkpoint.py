@@ -66,22 +66,40 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able rest."""
-    tensors, scalars = {}, {}
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able rest.
+
+    Keys are "param_index.name"; nested dicts (bitsandbytes packs its quantisation state
+    into one) continue the key with "/": "3.__bnb_optimizer_quant_state__/state1"."""
+    tensors, scalars, seen = {}, {}, set()
+
+    def put(key: str, v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            ptr = t.untyped_storage().data_ptr()
+            # safetensors refuses shared storage (bitsandbytes shares its quantisation maps)
+            tensors[key] = t.clone() if ptr in seen else t
+            seen.add(ptr)
+        elif isinstance(v, dict):
+            for k, sub in v.items():
+                put(f"{key}/{k}", sub)
+        else:
+            scalars[key] = v
+
     for idx, pstate in state["state"].items():
         for name, v in pstate.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{idx}.{name}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{name}"] = v
+            put(f"{idx}.{name}", v)
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
+        idx, path = key.split(".", 1)
+        *parents, name = path.split("/")
+        node = state.setdefault(int(idx), {})
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[name] = v
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -18,15 +18,17 @@ import torch
 from tqdm.auto import tqdm
 
 from effusion.config import Config, ConfigError
-from effusion.data import BatchStream, ImageSet, augment, load_source, split, to_model_range
+from effusion.data import BatchLoader, BatchStream, ImageSet, load_source, split
+from effusion.latent import encode_set, has_augmentation, load_vae
 from effusion.models import build_model, count_params, is_classifier
 from effusion.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                                        load_checkpoint_state, load_weights, save_checkpoint,
                                        write_config)
 from effusion.train.ema import EMA
 from effusion.train.logging import MetricsLogger
-from effusion.train.optim import build_optimizer, lr_factor
+from effusion.train.optim import build_optimizer, lr_factor, set_lr
 from effusion.train.precision import Precision, apply_tf32, resolve_device, resolve_precision
+from effusion.train.switches import apply_switches
 from effusion.train.tasks import TASKS
 
 MAX_NONFINITE_IN_A_ROW = 10
@@ -81,6 +83,39 @@ def resolve_for_data(cfg: Config, data: ImageSet) -> Config:
     return replace(cfg, model=replace(mc, num_classes=k))
 
 
+@dataclass
+class StepOutcome:
+    loss: float  # mean over the step's micro-batches (nan if skipped)
+    images: int
+    finite: bool  # False: a micro-batch's loss was NaN/Inf and the update was skipped
+
+
+def train_step(net, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, loader: BatchLoader, task, gen: torch.Generator,
+               tc) -> tuple[StepOutcome, torch.Tensor]:
+    """One optimizer step: forward and backward over `grad_accum` micro-batches, clip,
+    update. A non-finite loss skips the update (gradients dropped, weights untouched).
+    Returns the outcome and the pre-clip gradient norm (nan when clipping is off)."""
+    step_loss, images = 0.0, 0
+    for _ in range(tc.grad_accum):
+        x0, labels = loader.next()
+        loss = task.loss(net, x0, labels, gen)  # the task reduces its loss in fp32
+        if not torch.isfinite(loss):
+            opt.zero_grad(set_to_none=True)
+            return StepOutcome(math.nan, 0, False), torch.tensor(math.nan)
+        # Equal micro-batches: the mean of their means is the big batch's mean.
+        scaler.scale(loss / tc.grad_accum).backward()
+        step_loss += loss.item() / tc.grad_accum
+        images += x0.shape[0]
+    scaler.unscale_(opt)
+    grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                 if tc.grad_clip > 0 else torch.tensor(math.nan))
+    scaler.step(opt)  # fp16: skipped by the scaler itself if the gradients overflowed
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return StepOutcome(step_loss, images, True), grad_norm
+
+
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool = False,
           progress: bool = True) -> TrainResult:
     """Train the configured model (the U-Net, or a classifier for model.arch mlp / cnn),
@@ -102,17 +137,25 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
     data = load_source(cfg.data)
     cfg = resolve_for_data(cfg, data)
     train_set, val_set = split(data, cfg.data.val_fraction)
-    stream = BatchStream(train_set, tc.batch_size, tc.seed)
+    if cfg.model.space == "latent" and not has_augmentation(cfg.data):
+        # Latent diffusion without augmentation: encode the training images once.
+        vae = load_vae(cfg.model.vae, device)
+        vae.check_data(cfg.data)
+        t_enc = time.perf_counter()
+        train_set = encode_set(vae, train_set)
+        print(f"effusion: encoded {len(train_set)} images to {tuple(vae.latent_shape)} latents "
+              f"with the VAE in {cfg.model.vae} ({time.perf_counter() - t_enc:.1f} s, once)")
+    loader = BatchLoader(BatchStream(train_set, tc.batch_size, tc.seed), cfg.data, tc.seed,
+                         tc.workers, tc.prefetch, pin=tc.pin_memory and device.type == "cuda")
 
-    # --- model, optimizer, EMA
+    # --- model (with the efficiency switches), optimizer, EMA
     torch.manual_seed(tc.seed)  # parameter init and dropout
     model = build_model(cfg).to(device)
-    mem_format = torch.channels_last if tc.channels_last else torch.contiguous_format
-    model.to(memory_format=mem_format)
+    net, mem_format, switch_notes = apply_switches(model, tc)
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
     opt = build_optimizer(model, tc)
     scaler = prec.make_scaler()
-    gen = torch.Generator().manual_seed(tc.seed + 1)  # timesteps, noise, augmentation
+    gen = torch.Generator().manual_seed(tc.seed + 1)  # timesteps, noise, label dropout
     step, images_seen, elapsed, skipped = 0, 0, 0.0, 0
 
     # --- resume: weights, optimizer, RNG streams and data position from the checkpoint
@@ -127,7 +170,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
         torch.set_rng_state(rng["torch"])
         if device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], device)
-        stream.load_state_dict(state["data"])
+        loader.load_state_dict(state["data"])
         step, images_seen = state["step"], state["images_seen"]
         elapsed, skipped = state["elapsed_s"], state["skipped_steps"]
         task_state = state.get("task", {})
@@ -137,7 +180,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
     logger = MetricsLogger(run_dir, resume_step=step if ckpt is not None else None)
 
     def epochs_done() -> float:
-        return stream.epoch + stream.index / len(train_set)
+        return loader.epoch + loader.index / len(train_set)
 
     def progress_of(step: int, elapsed: float) -> float:
         by_time = elapsed / (tc.max_minutes * 60) if tc.max_minutes else 0.0
@@ -149,7 +192,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
         state = {"images_seen": images_seen, "elapsed_s": elapsed, "skipped_steps": skipped,
-                 "ema_updates": ema.updates, "data": stream.state_dict(),
+                 "ema_updates": ema.updates, "data": loader.state_dict(),
                  "task": task.state_dict()}
         if scaler.is_enabled():
             state["scaler"] = scaler.state_dict()
@@ -166,37 +209,26 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
               f"{len(train_set)} images{held} ({cfg.data.source}), {device.type} {prec.mode}, "
               f"run dir {run_dir}")
         print(f"effusion: {tf32_note}")
+        for note in switch_notes:
+            print(f"effusion: {note}")
         bar = tqdm(total=100, unit="%", disable=not progress, dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
         bar.update(min(100.0, 100 * progress_of(step, elapsed)))
         t0, last_log_t, last_log_images = time.perf_counter() - elapsed, time.perf_counter(), images_seen
         loss_sum, loss_n, last_loss, in_a_row = 0.0, 0, math.nan, 0
+        compile_s = None
         model.train()
         try:
             while progress_of(step, elapsed) < 1.0:
-                # --- forward and backward over `grad_accum` micro-batches (augmented with all
-                # randomness from `gen`, so resume is exact); the task reduces its loss in fp32
-                epoch_before = stream.epoch
+                # --- one optimizer step over `grad_accum` micro-batches
+                epoch_before = loader.epoch
                 lr = tc.lr * lr_factor(step, progress_of(step, elapsed), tc.warmup_steps,
-                                       tc.lr_schedule, stream.epoch, tc.lr_step_every, tc.lr_gamma)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                step_loss, step_images, finite = 0.0, 0, True
-                for _ in range(tc.grad_accum):
-                    x_u8, labels = stream.next()
-                    x0 = augment(to_model_range(x_u8), cfg.data, gen)
-                    loss = task.loss(model, x0, labels, gen)
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    # Equal micro-batches: the mean of their means is the big batch's mean.
-                    scaler.scale(loss / tc.grad_accum).backward()
-                    step_loss += loss.item() / tc.grad_accum
-                    step_images += x0.shape[0]
-                if not finite:
-                    # Skip the update, keep the weights; give up if it persists.
+                                       tc.lr_schedule, loader.epoch, tc.lr_step_every, tc.lr_gamma)
+                set_lr(opt, lr)
+                outcome, grad_norm = train_step(net, model, opt, scaler, loader, task, gen, tc)
+                if not outcome.finite:
+                    # The update was skipped, the weights kept; give up if it persists.
                     skipped, in_a_row = skipped + 1, in_a_row + 1
-                    opt.zero_grad(set_to_none=True)
                     if in_a_row >= MAX_NONFINITE_IN_A_ROW:
                         raise TrainingError(
                             f"loss was NaN/Inf for {in_a_row} steps in a row at step {step}; "
@@ -204,17 +236,18 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
                             "or train.precision=fp32")
                     continue
                 in_a_row = 0
-                scaler.unscale_(opt)
-                grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                             if tc.grad_clip > 0 else torch.tensor(float("nan")))
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
                 ema.update(model)
                 step += 1
-                images_seen += step_images
-                last_loss = step_loss
+                images_seen += outcome.images
+                last_loss = outcome.loss
                 loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
+                if compile_s is None and getattr(net, "compile_s", None) is not None:
+                    # Compilation happened inside this first step: log it apart and keep it
+                    # out of the training time.
+                    compile_s = net.compile_s
+                    t0 += compile_s
+                    logger.log(step, {"compile_s": compile_s})
+                    bar.write(f"effusion: torch.compile took {compile_s:.1f} s (not counted as training time)")
                 elapsed = time.perf_counter() - t0
 
                 # --- log, evaluate / sample, checkpoint
@@ -227,7 +260,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
                                       "epoch": round(epochs_done(), 3)})
                     bar.set_postfix_str(f"step {step} loss {loss_sum / loss_n:.4f} {ips:.0f} img/s")
                     last_log_t, last_log_images, loss_sum, loss_n = now, images_seen, 0.0, 0
-                evals = task.periodic(ema.model, step, stream.epoch > epoch_before)
+                evals = task.periodic(ema.model, step, loader.epoch > epoch_before)
                 if evals:
                     logger.log(step, {**evals, "epoch": round(epochs_done(), 3)})
                     bar.write(f"step {step} epoch {epochs_done():.2f}: " + ", ".join(
@@ -248,4 +281,5 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
         artifact = task.finish(ema.model, step)
         return TrainResult(run_dir, step, images_seen, last_loss, elapsed / 60, artifact)
     finally:
+        loader.close()
         logger.close()  # also when training fails, so nothing is lost from metrics.jsonl

@@ -7,13 +7,16 @@ import math
 import torch
 import torch.nn as nn
 
-from effusion.config import TrainConfig
+from effusion.config import ConfigError, TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The configured optimizer; fused kernels on CUDA, foreach (multi-tensor) on CPU.
 
     - adamw: Adam with decoupled weight decay (Loshchilov & Hutter 2019), betas (0.9, 0.99).
+    - adamw8bit: the same update with both moments stored block-wise quantised to 8 bits
+      (Dettmers et al. 2022), from bitsandbytes (CPU and CUDA). Tensors under 4096
+      elements keep fp32 moments.
     - adam: Adam (Kingma & Ba 2015); weight decay, if any, is L2 added to the gradient.
     - rmsprop: RMSProp (Tieleman & Hinton 2012), alpha 0.99, with `momentum`.
     - sgd: SGD with Nesterov `momentum`.
@@ -28,6 +31,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     fast = {"fused": True} if on_cuda else {"foreach": True}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), **fast)
+    if cfg.optimizer == "adamw8bit":
+        return _adamw8bit(groups, cfg)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.99), **fast)
     if cfg.optimizer == "rmsprop":
@@ -37,6 +42,44 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.momentum > 0, **fast)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")  # config validation prevents this
+
+
+EIGHT_BIT_HINT = ("train.optimizer=adamw8bit needs bitsandbytes: pip install 'effusion[8bit]' "
+                  "(or pip install bitsandbytes)")
+
+
+def _adamw8bit(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    # torchao's AdamW8bit was tried as a second backend: its state is a tensor subclass
+    # that safetensors cannot store and its LR must stay a tensor, so resumable checkpoints
+    # would need special cases; bitsandbytes keeps plain uint8 tensors.
+    try:
+        import logging
+
+        # bitsandbytes logs about optional CUDA/4-bit kernels at import; not our concern.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(EIGHT_BIT_HINT) from None
+    return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=(0.9, 0.99))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate (in place where it is a tensor, as torchao keeps it)."""
+    for group in opt.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes held in the optimizer's per-parameter state (moments, quantisation maps...)."""
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+    return total
 
 
 def lr_factor(step: int, progress: float, warmup_steps: int, schedule: str = "cosine",

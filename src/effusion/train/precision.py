@@ -1,8 +1,15 @@
 """Device and precision policy, chosen once and written into the run's config.
 
 bf16 autocast where the hardware has fast bf16 (AVX-512 BF16 / AMX CPUs, Ampere+ GPUs);
-fp16 autocast with a GradScaler as an option; fp32 otherwise. Autocast keeps reductions,
-norms and softmax in fp32 by its own op lists; the loss is computed in fp32 by the loop.
+fp16 autocast with a GradScaler as an option; fp32 otherwise.
+
+What stays in fp32 under autocast, and where that is decided:
+- the loss: every task casts the network output to fp32 before reducing it;
+- GroupNorm statistics: CUDA autocast runs group_norm in fp32 (its fp32 op list); CPU
+  autocast passes bf16 through, but the bf16 kernel accumulates mean and variance in fp32
+  (tests/test_switches.py checks this on data where bf16 statistics would fail);
+- softmax: inside scaled_dot_product_attention, whose kernels accumulate in fp32;
+- weights, gradients and optimizer state: always fp32 (autocast casts copies per op).
 """
 
 from __future__ import annotations

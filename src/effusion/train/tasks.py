@@ -34,6 +34,12 @@ class DiffusionTask:
         self.mem_format = mem_format
         self.schedule = schedule_for(cfg)
         self.last_grid: Path | None = None
+        self.vae = None
+        if cfg.model.space == "latent":
+            from effusion.latent import load_vae
+
+            self.vae = load_vae(cfg.model.vae, prec.device)
+            self.vae.check_data(cfg.data)
         self.scorer = None
         if cfg.train.eval_every:
             from effusion.classify import load_classifier  # only when asked for
@@ -46,12 +52,14 @@ class DiffusionTask:
     def loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None,
              gen: torch.Generator) -> torch.Tensor:
         cond = labels.to(self.prec.device) if self.cfg.model.num_classes else None
+        if self.vae is not None and x0.shape[1] != self.vae.latent_shape[0]:
+            x0 = self.vae.encode(x0)  # augmented pixels: encoded on the fly
         return diffusion_loss(model, x0, cond, self.cfg.diffusion, self.schedule, gen,
                               self.prec, self.mem_format, cond_drop=self.cfg.train.cond_drop,
                               null_class=self.cfg.model.num_classes)
 
     def _run(self, ema_model: nn.Module, step: int) -> LoadedRun:
-        return LoadedRun(self.run_dir, self.cfg, ema_model, self.schedule, step, self.prec)
+        return LoadedRun(self.run_dir, self.cfg, ema_model, self.schedule, step, self.prec, self.vae)
 
     def sample_grid(self, ema_model: nn.Module, step: int) -> Path:
         tc = self.cfg.train
@@ -71,6 +79,110 @@ class DiffusionTask:
         return {}
 
     def finish(self, ema_model: nn.Module, step: int) -> Path:
+        grid = self.last_grid
+        if grid is None or grid.name != f"step-{step:07d}.png":
+            grid = self.sample_grid(ema_model, step)
+        return grid
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class VAETask:
+    """Reconstruction (L1/L2) + KL (+ optional classifier-feature) loss; reconstruction
+    grids every `sample_every` steps; at the end, held-out PSNR and the latent scaling
+    factor, written to `vae.json` (what latent diffusion runs read)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, train: ImageSet, val: ImageSet | None,
+                 prec: Precision, logger: MetricsLogger, mem_format: torch.memory_format):
+        from effusion.models.vae import latent_size
+
+        self.cfg, self.run_dir, self.prec, self.logger = cfg, run_dir, prec, logger
+        self.mem_format = mem_format
+        self.train, self.val = train, val
+        s = latent_size(cfg.data.image_size, cfg.vae.downsample)
+        self.latent_shape = (cfg.vae.latent_channels, s, s)
+        self.last_grid: Path | None = None
+        self.features = None
+        if cfg.vae.feature_weight > 0:
+            from effusion.evaluate.features import default_feature_classifier
+
+            with torch.random.fork_rng(devices=[]):  # training it must not move this run's RNG
+                clf = default_feature_classifier(cfg.data)
+            if clf.quantized:
+                raise ConfigError("vae.feature_weight needs a float feature classifier")
+            self.features = clf.model.to(prec.device).eval().requires_grad_(False)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None,
+             gen: torch.Generator) -> torch.Tensor:
+        from effusion.models.vae import kl_to_standard_normal, reconstruction_loss
+
+        vc, dev = self.cfg.vae, self.prec.device
+        x = x.to(dev, memory_format=self.mem_format, non_blocking=True)
+        eps = torch.randn((x.shape[0], *self.latent_shape), generator=gen).to(dev)
+        with self.prec.autocast():
+            recon, mean, logvar = model(x, eps)
+        loss = reconstruction_loss(recon, x, vc.recon) + vc.kl_weight * kl_to_standard_normal(mean, logvar)
+        if self.features is not None:
+            with self.prec.autocast():
+                fr, fx = self.features.features(recon), self.features.features(x)
+            loss = loss + vc.feature_weight * (fr.float() - fx.float()).square().mean()
+        return loss
+
+    @torch.no_grad()
+    def _reconstruct(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images -> (originals, reconstructions through the posterior mean), floats."""
+        was = model.training
+        model.eval()
+        x = to_model_range(images).to(self.prec.device)
+        outs = []
+        for i in range(0, x.shape[0], 256):
+            mean, _ = model.encode(x[i:i + 256])
+            outs.append(model.decode(mean).float().clamp(-1, 1))
+        model.train(was)
+        return x, torch.cat(outs)
+
+    def sample_grid(self, model: nn.Module, step: int) -> Path:
+        from effusion.data import to_uint8
+
+        src = self.val if self.val is not None else self.train
+        x, r = self._reconstruct(model, src.images[:32])
+        pairs = torch.stack([x, r], 1).flatten(0, 1)  # original, reconstruction, ...
+        grid = make_grid(to_uint8(pairs.cpu()), nrow=16)
+        self.logger.image("reconstructions", grid, step)
+        return save_png(grid, self.run_dir / "samples" / f"step-{step:07d}.png",
+                        upscale=max(1, 64 // self.cfg.data.image_size))
+
+    def periodic(self, ema_model: nn.Module, step: int, epoch_done: bool) -> dict[str, float]:
+        tc = self.cfg.train
+        if tc.sample_every and step % tc.sample_every == 0:
+            self.last_grid = self.sample_grid(ema_model, step)
+        return {}
+
+    def finish(self, ema_model: nn.Module, step: int) -> Path:
+        import json
+
+        from effusion.latent import VAE_INFO
+        from effusion.models.vae import psnr
+
+        src = self.val if self.val is not None else self.train
+        x, r = self._reconstruct(ema_model, src.images[:1000])
+        # Scale: 1 / std of posterior means over (up to 2,000 of) the training images.
+        was = ema_model.training
+        ema_model.eval()
+        with torch.no_grad():
+            xt = to_model_range(self.train.images[:2000]).to(self.prec.device)
+            means = torch.cat([ema_model.encode(xt[i:i + 256])[0].float()
+                               for i in range(0, xt.shape[0], 256)])
+        ema_model.train(was)
+        info = {"scale_factor": 1.0 / max(means.std().item(), 1e-8), "latent_mean": means.mean().item(),
+                "psnr_db": psnr(r, x), "psnr_on": "held-out" if self.val is not None else "training",
+                "latent_shape": list(self.latent_shape), "step": step}
+        (self.run_dir / VAE_INFO).write_text(json.dumps(info, indent=2))
+        self.logger.log(step, {"psnr_db": info["psnr_db"], "scale_factor": info["scale_factor"]})
         grid = self.last_grid
         if grid is None or grid.name != f"step-{step:07d}.png":
             grid = self.sample_grid(ema_model, step)
@@ -179,4 +291,4 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 TASKS: dict[str, Callable[..., DiffusionTask | ClassifierTask]] = {
-    "unet": DiffusionTask, "mlp": ClassifierTask, "cnn": ClassifierTask}
+    "unet": DiffusionTask, "mlp": ClassifierTask, "cnn": ClassifierTask, "vae": VAETask}

@@ -31,7 +31,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/effusion bench train --out bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

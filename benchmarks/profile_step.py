@@ -1,0 +1,81 @@
+"""Where a training step's time goes: torch.profiler's top operators for one variant.
+
+Builds the model and training step exactly as `effusion bench train` does (same config,
+same switches), runs warm-up steps, then profiles a few steps and prints the operators
+by self CPU (or CUDA) time, so a missed speed target can be traced to its operators.
+
+    python benchmarks/profile_step.py [--set train.precision=bf16 ...] [--steps 3] [--top 15]
+        [--json benchmarks/results/profile_bf16.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from effusion.bench import BASELINE
+from effusion.config import load_config
+from effusion.data import BatchLoader, BatchStream, load_source, split
+from effusion.models import build_model
+from effusion.train.loop import resolve_for_data, train_step
+from effusion.train.optim import build_optimizer
+from effusion.train.precision import Precision, resolve_device, resolve_precision
+from effusion.train.switches import apply_switches
+from effusion.train.tasks import DiffusionTask
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    cfg = load_config(None, BASELINE + args.overrides)
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    prec = Precision(device, resolve_precision(tc.precision, device))
+    data = load_source(cfg.data)
+    cfg = resolve_for_data(cfg, data)
+    train_set, val_set = split(data, cfg.data.val_fraction)
+    loader = BatchLoader(BatchStream(train_set, tc.batch_size, tc.seed), cfg.data, tc.seed)
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg).to(device)
+    net, fmt, _ = apply_switches(model, tc)
+    opt = build_optimizer(model, tc)
+    scaler = prec.make_scaler()
+    gen = torch.Generator().manual_seed(1)
+    task = DiffusionTask(cfg, None, train_set, val_set, prec, None, fmt)
+    for _ in range(args.warmup):
+        train_step(net, model, opt, scaler, loader, task, gen, tc)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(args.steps):
+            train_step(net, model, opt, scaler, loader, task, gen, tc)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in events) or 1.0
+    rows = [{"op": e.key, "self_ms_per_step": getattr(e, key) / 1000 / args.steps,
+             "share": getattr(e, key) / total, "calls_per_step": e.count / args.steps}
+            for e in events[:args.top]]
+    print(f"precision {prec.mode}, batch {tc.batch_size}, {args.steps} steps profiled, "
+          f"{total / 1000 / args.steps:.0f} ms of self time per step")
+    print("| operator | ms / step | share | calls / step |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| `{r['op']}` | {r['self_ms_per_step']:.1f} | {100 * r['share']:.1f}% | "
+              f"{r['calls_per_step']:.0f} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"overrides": args.overrides, "precision": prec.mode,
+                                         "ms_per_step": total / 1000 / args.steps, "top": rows},
+                                        indent=2))
+
+
+if __name__ == "__main__":
+    main()

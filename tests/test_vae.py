@@ -182,6 +182,10 @@ def test_latent_errors_are_clear(tmp_path, vae_run, make_cfg):
     r = runner.invoke(app, ["train", "--vae", str(vae_run), "--run", str(tmp_path / "y"), "--quiet",
                             *_sets(*LATENT_TINY, "data.image_size=20")])
     assert r.exit_code == 2 and "trained on 1-channel 16x16 images" in r.output
+    # sampling or evaluating the VAE run itself
+    for cmd in (["sample", "--run", str(vae_run), "--n", "2"], ["evaluate", "--run", str(vae_run)]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 2 and "is a VAE run, not a diffusion run" in r.output, cmd
     # an unfinished VAE run (no vae.json)
     unfinished = tmp_path / "unfinished"
     import shutil

@@ -90,10 +90,10 @@ def _unavailable(v: Variant, device: str) -> str:
 
 # --------------------------------------------------------------------------- child side
 
-def fixed_eval_loss(model, data, cfg, prec, n: int = 512, seed: int = 1234) -> float:
-    """The training objective on a fixed batch: the first `n` images, with timesteps and
-    noise from a fixed seed, in fp32 and without label dropout. Equal weights give equal
-    values, whatever the switches were."""
+def fixed_eval_loss(model, data, cfg, prec, n: int = 512, seed: int = 1234, vae=None) -> float:
+    """The training objective on a fixed batch: the first `n` images (encoded by `vae` for
+    a latent run), with timesteps and noise from a fixed seed, in fp32 and without label
+    dropout. Equal weights give equal values, whatever the switches were."""
     import torch
 
     from effusion.data import to_model_range
@@ -110,6 +110,8 @@ def fixed_eval_loss(model, data, cfg, prec, n: int = 512, seed: int = 1234) -> f
     with torch.no_grad():
         for i in range(0, min(n, len(data)), 128):
             x0 = to_model_range(data.images[i:min(i + 128, n)])
+            if vae is not None:
+                x0 = vae.encode(x0)
             labels = data.labels[i:i + x0.shape[0]] if cfg.model.num_classes and data.labels is not None else None
             cond = labels.to(prec.device) if labels is not None else None
             loss = diffusion_loss(model, x0, cond, cfg.diffusion, schedule, gen, fp32)
@@ -123,6 +125,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from effusion.data import BatchLoader, BatchStream, load_source, split
+    from effusion.latent import latent_training_set
     from effusion.models import build_model, count_params
     from effusion.train.loop import resolve_for_data, train_step
     from effusion.train.memory import measure_step_memory
@@ -141,6 +144,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     data = load_source(cfg.data)
     cfg = resolve_for_data(cfg, data)
     train_set, val_set = split(data, cfg.data.val_fraction)
+    train_set = latent_training_set(cfg, train_set, device)
     loader = BatchLoader(BatchStream(train_set, tc.batch_size, tc.seed), cfg.data, tc.seed,
                          tc.workers, tc.prefetch, pin=tc.pin_memory and device.type == "cuda")
     torch.manual_seed(tc.seed)
@@ -166,7 +170,8 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
             losses.append(outcome.loss)
             skipped += not outcome.finite
-        eval_loss = fixed_eval_loss(model, val_set if val_set is not None else train_set, cfg, prec)
+        eval_data = val_set if val_set is not None else data  # pixels, not latents
+        eval_loss = fixed_eval_loss(model, eval_data, cfg, prec, vae=task.vae)
         mem = measure_step_memory(lambda: train_step(net, model, opt, scaler, loader, task, gen, tc),
                                   model, opt)
     finally:
@@ -251,8 +256,9 @@ def _targets(rows: dict[str, dict[str, Any]], steps: int) -> list[dict[str, Any]
                         "met": r["activations_saved"] >= 0.5 and r["speedup"] >= 1 / 1.2})
     if ok("adamw8bit"):
         r = rows["adamw8bit"]
+        asked = "" if steps >= 300 else "; the target is stated for 300"
         out.append({"target": f"8-bit AdamW: >= 70% less optimizer state, loss within 3% "
-                              f"(after {steps} steps; the issue asks for 300)",
+                              f"(after {steps} steps{asked})",
                     "value": f"{100 * r['optimizer_saved']:.0f}% less, loss {100 * r['loss_change']:+.1f}%",
                     "met": r["optimizer_saved"] >= 0.7 and abs(r["loss_change"]) <= 0.03})
     if ok("fastest"):

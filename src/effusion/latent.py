@@ -114,5 +114,22 @@ def vae_config(overrides: list[str] | None = None, config_file: str | Path | Non
     return config_from_dict(parse_overrides(list(overrides or [])), cfg)
 
 
+def latent_training_set(cfg: Config, train_set: ImageSet, device: torch.device) -> ImageSet:
+    """What a diffusion run trains on: for model.space=latent without augmentation, the
+    training images encoded once to scaled latents; otherwise the images themselves
+    (latent runs with augmentation encode each augmented batch on the fly)."""
+    if cfg.model.space != "latent" or has_augmentation(cfg.data):
+        return train_set
+    import time
+
+    vae = load_vae(cfg.model.vae, device)
+    vae.check_data(cfg.data)
+    t0 = time.perf_counter()
+    out = encode_set(vae, train_set)
+    print(f"effusion: encoded {len(out)} images to {tuple(vae.latent_shape)} latents with the "
+          f"VAE in {cfg.model.vae} ({time.perf_counter() - t0:.1f} s, once)")
+    return out
+
+
 def has_augmentation(data: DataConfig) -> bool:
     return bool(data.hflip or data.rotate > 0 or data.translate > 0)

@@ -80,6 +80,10 @@ def load_run(run_dir: str | Path, ema: bool = True, device: str = "auto",
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory not found: {run_dir}")
     cfg = read_config(run_dir)
+    if cfg.model.arch != "unet":
+        what = "VAE" if cfg.model.arch == "vae" else f"{cfg.model.arch} classifier"
+        raise CheckpointError(f"{run_dir} is a {what} run, not a diffusion run; sample from a "
+                              "run made by `effusion train`")
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"{run_dir} has no checkpoint yet (train it first)")

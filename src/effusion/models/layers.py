@@ -18,20 +18,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     return F.pad(emb, (0, dim % 2))
 
 
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm that computes channels_last inputs in the NCHW layout and hands the result
-    back in channels_last: PyTorch's CPU GroupNorm kernels are several times slower on
-    channels_last bf16 tensors than the two layout copies (see README, training efficiency)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            out = super().forward(x.contiguous())
-            return out.contiguous(memory_format=torch.channels_last)
-        return super().forward(x)
-
-
 def norm(channels: int, groups: int) -> nn.GroupNorm:
-    return GroupNorm(min(groups, channels), channels)
+    return nn.GroupNorm(min(groups, channels), channels)
 
 
 class ResBlock(nn.Module):

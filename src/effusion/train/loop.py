@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from effusion.config import Config, ConfigError
 from effusion.data import BatchLoader, BatchStream, ImageSet, load_source, split
-from effusion.latent import encode_set, has_augmentation, load_vae
+from effusion.latent import latent_training_set
 from effusion.models import build_model, count_params, is_classifier
 from effusion.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                                        load_checkpoint_state, load_weights, save_checkpoint,
@@ -137,14 +137,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
     data = load_source(cfg.data)
     cfg = resolve_for_data(cfg, data)
     train_set, val_set = split(data, cfg.data.val_fraction)
-    if cfg.model.space == "latent" and not has_augmentation(cfg.data):
-        # Latent diffusion without augmentation: encode the training images once.
-        vae = load_vae(cfg.model.vae, device)
-        vae.check_data(cfg.data)
-        t_enc = time.perf_counter()
-        train_set = encode_set(vae, train_set)
-        print(f"effusion: encoded {len(train_set)} images to {tuple(vae.latent_shape)} latents "
-              f"with the VAE in {cfg.model.vae} ({time.perf_counter() - t_enc:.1f} s, once)")
+    train_set = latent_training_set(cfg, train_set, device)
     loader = BatchLoader(BatchStream(train_set, tc.batch_size, tc.seed), cfg.data, tc.seed,
                          tc.workers, tc.prefetch, pin=tc.pin_memory and device.type == "cuda")
 

@@ -44,21 +44,26 @@ def test_shapes_source_config(make_cfg):
         make_cfg("data.source=shape")
 
 
-def test_shape_classes_are_learnable(tmp_path):
-    """A short cnn run learns every class well above chance (1/6). The issue's target of
-    >= 95% per class is not met yet: the cnn's fully connected layer is not translation
-    invariant and shapes sit anywhere (0.81 held-out after the full 15-epoch recipe)."""
+def test_each_shape_class_is_recognised_by_the_feature_classifier_recipe(tmp_path):
+    """The classifier recipe with the `convnet` (the feature network metrics use for RGB
+    data) recognises every class at >= 95% on held-out shapes (100% after the full 15
+    epochs on 6,000 images; here 8 epochs, past the first LR decay, to keep the test short)."""
     from effusion.classify import classifier_config, load_classifier
+    from effusion.config import DataConfig
     from effusion.data import split
+    from effusion.evaluate.features import feature_arch, feature_run_dir
     from effusion.train.loop import train
 
-    cfg = classifier_config(["data.source=shapes:3000", "data.image_size=32", "data.channels=3",
-                             "data.rotate=0", "data.translate=0", "train.epochs=6",
-                             "train.threads=1"])
+    shapes = DataConfig(source="shapes:4000", image_size=32, channels=3)
+    assert feature_arch(shapes) == "convnet" and feature_arch(DataConfig()) == "cnn"
+    assert feature_run_dir(shapes).name == "shapes-4000-32px-3ch-convnet-v1"
+    assert feature_run_dir(DataConfig()).name == "mnist5k-28px-1ch-v1"  # unchanged
+
+    cfg = classifier_config(["model.arch=convnet", "data.source=shapes:4000", "data.image_size=32",
+                             "data.channels=3", "train.epochs=8", "train.threads=2"])
     train(cfg, tmp_path / "clf", progress=False)
     clf = load_classifier(tmp_path / "clf")
     _, val = split(load_source(clf.config.data), 0.1)
     pred = clf.predict(val.images)[1].argmax(1)
     for k, name in enumerate(SHAPE_CLASSES):
-        assert (pred[val.labels == k] == k).double().mean() >= 0.4, name
-    assert (pred == val.labels).double().mean() >= 0.6
+        assert (pred[val.labels == k] == k).double().mean() >= 0.95, name

@@ -162,7 +162,7 @@ AUGMENTATIONS = {"flip": "data.hflip=true", "rotate": "data.rotate=10", "crop": 
 @user_errors
 def classifier_train(
     data: str = typer.Option("mnist5k", "--data", help="mnist5k | digits | folder:PATH | npz:PATH"),
-    arch: Optional[str] = typer.Option(None, "--arch", help="mlp (784-128-64-10) | cnn (default cnn)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="mlp (784-128-64-10) | cnn (default) | convnet (3 stages, global pooling; for RGB / shapes)."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam | adamw | rmsprop | sgd (default adam)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Default 0.002."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="step | cosine | none (default step)."),

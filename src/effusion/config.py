@@ -34,7 +34,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["unet", "mlp", "cnn", "vae"] = "unet"  # unet = diffusion; mlp / cnn = classifier; vae
+    # unet = diffusion; mlp / cnn / convnet = classifier; vae = latent diffusion's autoencoder
+    arch: Literal["unet", "mlp", "cnn", "convnet", "vae"] = "unet"
     space: Literal["pixel", "latent"] = "pixel"  # unet: denoise pixels, or the latents of model.vae
     vae: str = ""  # latent space: the VAE's run directory (effusion vae train)
     channels: int = 32  # base width of the U-Net

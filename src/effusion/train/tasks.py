@@ -291,4 +291,5 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 TASKS: dict[str, Callable[..., DiffusionTask | ClassifierTask]] = {
-    "unet": DiffusionTask, "mlp": ClassifierTask, "cnn": ClassifierTask, "vae": VAETask}
+    "unet": DiffusionTask, "mlp": ClassifierTask, "cnn": ClassifierTask, "convnet": ClassifierTask,
+    "vae": VAETask}

@@ -30,20 +30,12 @@ class MLPClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-class CNNClassifier(nn.Module):
-    """Two conv stages (32 and 64 channels; BatchNorm, ReLU, 2x2 max-pool), pooled to a 7x7
-    grid (a no-op at 28x28; makes any size work), a 128-d feature layer, dropout, the head."""
+class _ConvBodyHead(nn.Module):
+    """Shared tail of the conv classifiers: `body` gives the 128-d features, then dropout
+    and a linear head. (Attribute names are part of saved checkpoints: keep them.)"""
 
-    def __init__(self, in_channels: int, image_size: int, num_classes: int, dropout: float):
-        super().__init__()
-
-        def conv(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                    nn.ReLU(), nn.MaxPool2d(2)]
-
-        self.body = nn.Sequential(
-            *conv(in_channels, 32), *conv(32, 64), nn.AdaptiveAvgPool2d(7), nn.Flatten(),
-            nn.Linear(64 * 7 * 7, 128), nn.ReLU())
+    def _finish(self, body: nn.Sequential, dropout: float, num_classes: int) -> None:
+        self.body = body
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(128, num_classes)
         self.feature_dim = 128
@@ -55,7 +47,23 @@ class CNNClassifier(nn.Module):
         return self.head(self.drop(self.features(x)))
 
 
-class ConvNetClassifier(nn.Module):
+class CNNClassifier(_ConvBodyHead):
+    """Two conv stages (32 and 64 channels; BatchNorm, ReLU, 2x2 max-pool), pooled to a 7x7
+    grid (a no-op at 28x28; makes any size work), a 128-d feature layer, dropout, the head."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, dropout: float):
+        super().__init__()
+
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                    nn.ReLU(), nn.MaxPool2d(2)]
+
+        self._finish(nn.Sequential(
+            *conv(in_channels, 32), *conv(32, 64), nn.AdaptiveAvgPool2d(7), nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 128), nn.ReLU()), dropout, num_classes)
+
+
+class ConvNetClassifier(_ConvBodyHead):
     """Three conv stages of two 3x3 convs each (32, 64, 128 channels; BatchNorm, ReLU; 2x2
     max-pool between stages), global average pooling to a 128-d feature, dropout, the head.
 
@@ -70,18 +78,9 @@ class ConvNetClassifier(nn.Module):
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
                     nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
-        self.body = nn.Sequential(*stage(in_channels, 32), nn.MaxPool2d(2), *stage(32, 64),
-                                  nn.MaxPool2d(2), *stage(64, 128), nn.AdaptiveAvgPool2d(1),
-                                  nn.Flatten())
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(128, num_classes)
-        self.feature_dim = 128
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(self.features(x)))
+        self._finish(nn.Sequential(*stage(in_channels, 32), nn.MaxPool2d(2), *stage(32, 64),
+                                   nn.MaxPool2d(2), *stage(64, 128), nn.AdaptiveAvgPool2d(1),
+                                   nn.Flatten()), dropout, num_classes)
 
 
 CLASSIFIERS = {"mlp": MLPClassifier, "cnn": CNNClassifier, "convnet": ConvNetClassifier}

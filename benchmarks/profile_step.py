@@ -19,9 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from effusion.bench import BASELINE
 from effusion.config import load_config
-from effusion.data import BatchLoader, BatchStream, load_source, split
 from effusion.models import build_model
-from effusion.train.loop import resolve_for_data, train_step
+from effusion.train.loop import train_step, training_data
 from effusion.train.optim import build_optimizer
 from effusion.train.precision import Precision, resolve_device, resolve_precision
 from effusion.train.switches import apply_switches
@@ -41,10 +40,7 @@ def main() -> None:
     tc = cfg.train
     device = resolve_device(tc.device)
     prec = Precision(device, resolve_precision(tc.precision, device))
-    data = load_source(cfg.data)
-    cfg = resolve_for_data(cfg, data)
-    train_set, val_set = split(data, cfg.data.val_fraction)
-    loader = BatchLoader(BatchStream(train_set, tc.batch_size, tc.seed), cfg.data, tc.seed)
+    cfg, _, train_set, val_set, loader = training_data(cfg, device)
     torch.manual_seed(tc.seed)
     model = build_model(cfg).to(device)
     net, fmt, _ = apply_switches(model, tc)

@@ -124,10 +124,8 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Inside the fresh process: train `steps` steps of one variant and measure it."""
     import torch
 
-    from effusion.data import BatchLoader, BatchStream, load_source, split
-    from effusion.latent import latent_training_set
     from effusion.models import build_model, count_params
-    from effusion.train.loop import resolve_for_data, train_step
+    from effusion.train.loop import train_step, training_data
     from effusion.train.memory import measure_step_memory
     from effusion.train.optim import build_optimizer, lr_factor, set_lr
     from effusion.train.precision import Precision, apply_tf32, resolve_device, resolve_precision
@@ -141,12 +139,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     apply_tf32(tc.tf32, device)
-    data = load_source(cfg.data)
-    cfg = resolve_for_data(cfg, data)
-    train_set, val_set = split(data, cfg.data.val_fraction)
-    train_set = latent_training_set(cfg, train_set, device)
-    loader = BatchLoader(BatchStream(train_set, tc.batch_size, tc.seed), cfg.data, tc.seed,
-                         tc.workers, tc.prefetch, pin=tc.pin_memory and device.type == "cuda")
+    cfg, data, train_set, val_set, loader = training_data(cfg, device)
     torch.manual_seed(tc.seed)
     model = build_model(cfg).to(device)
     net, mem_format, notes = apply_switches(model, tc)

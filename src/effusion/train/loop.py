@@ -83,6 +83,20 @@ def resolve_for_data(cfg: Config, data: ImageSet) -> Config:
     return replace(cfg, model=replace(mc, num_classes=k))
 
 
+def training_data(cfg: Config, device: torch.device
+                  ) -> tuple[Config, ImageSet, ImageSet, ImageSet | None, BatchLoader]:
+    """(config with num_classes resolved, all data, training split (latents for a latent
+    run without augmentation), held-out split or None, the batch loader)."""
+    tc = cfg.train
+    data = load_source(cfg.data)
+    cfg = resolve_for_data(cfg, data)
+    train_set, val_set = split(data, cfg.data.val_fraction)
+    train_set = latent_training_set(cfg, train_set, device)
+    loader = BatchLoader(BatchStream(train_set, tc.batch_size, tc.seed), cfg.data, tc.seed,
+                         tc.workers, tc.prefetch, pin=tc.pin_memory and device.type == "cuda")
+    return cfg, data, train_set, val_set, loader
+
+
 @dataclass
 class StepOutcome:
     loss: float  # mean over the step's micro-batches (nan if skipped)
@@ -134,12 +148,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
     tf32_note = apply_tf32(tc.tf32, device)
 
     # --- data: a fixed held-out split, then a resumable stream over the training split
-    data = load_source(cfg.data)
-    cfg = resolve_for_data(cfg, data)
-    train_set, val_set = split(data, cfg.data.val_fraction)
-    train_set = latent_training_set(cfg, train_set, device)
-    loader = BatchLoader(BatchStream(train_set, tc.batch_size, tc.seed), cfg.data, tc.seed,
-                         tc.workers, tc.prefetch, pin=tc.pin_memory and device.type == "cuda")
+    cfg, _, train_set, val_set, loader = training_data(cfg, device)
 
     # --- model (with the efficiency switches), optimizer, EMA
     torch.manual_seed(tc.seed)  # parameter init and dropout

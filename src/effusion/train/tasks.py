@@ -25,7 +25,27 @@ from effusion.train.objective import diffusion_loss
 from effusion.train.precision import Precision
 
 
-class DiffusionTask:
+class _GridTask:
+    """Shared by the tasks whose artifact is an image grid (`sample_grid`); they keep no
+    state across a resume beyond the loop's own."""
+
+    last_grid: Path | None
+
+    def final_grid(self, ema_model: nn.Module, step: int) -> Path:
+        """The grid of the final step, reusing the periodic one if it was just made."""
+        grid = self.last_grid
+        if grid is None or grid.name != f"step-{step:07d}.png":
+            grid = self.sample_grid(ema_model, step)
+        return grid
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class DiffusionTask(_GridTask):
     """Denoising loss; EMA sample grids every `sample_every` steps, FID every `eval_every`."""
 
     def __init__(self, cfg: Config, run_dir: Path, train: ImageSet, val: ImageSet | None,
@@ -79,19 +99,10 @@ class DiffusionTask:
         return {}
 
     def finish(self, ema_model: nn.Module, step: int) -> Path:
-        grid = self.last_grid
-        if grid is None or grid.name != f"step-{step:07d}.png":
-            grid = self.sample_grid(ema_model, step)
-        return grid
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        return self.final_grid(ema_model, step)
 
 
-class VAETask:
+class VAETask(_GridTask):
     """Reconstruction (L1/L2) + KL (+ optional classifier-feature) loss; reconstruction
     grids every `sample_every` steps; at the end, held-out PSNR and the latent scaling
     factor, written to `vae.json` (what latent diffusion runs read)."""
@@ -183,16 +194,7 @@ class VAETask:
                 "latent_shape": list(self.latent_shape), "step": step}
         (self.run_dir / VAE_INFO).write_text(json.dumps(info, indent=2))
         self.logger.log(step, {"psnr_db": info["psnr_db"], "scale_factor": info["scale_factor"]})
-        grid = self.last_grid
-        if grid is None or grid.name != f"step-{step:07d}.png":
-            grid = self.sample_grid(ema_model, step)
-        return grid
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        return self.final_grid(ema_model, step)
 
 
 class ClassifierTask:

@@ -1,4 +1,5 @@
-"""The classifier recipe, one ingredient at a time (MISSION.md section 1's worked example).
+"""The classifier recipe, one ingredient at a time (Adam, step LR decay, dropout, augmentation,
+then int8 dynamic quantization: the source write-up's worked MNIST example).
 
 Trains the `cnn` and `mlp` classifiers on mnist5k through `effusion classifier train`'s
 config with one change per row from the shipped recipe (Adam, step decay x0.3 every 5
@@ -35,10 +36,9 @@ def main() -> None:
     args = ap.parse_args()
     out_json = args.json or Path(f"benchmarks/results/classifier_recipe_{args.arch}.json")
 
-    from effusion.classify import classifier_config
     from effusion.optimize.quantize import quantize_classifier
-    from effusion.train.logging import read_metrics
-    from effusion.train.loop import train
+    from effusion.recipes import classifier_config, train
+    from effusion.runs import read_metrics
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,9 +25,10 @@ from pathlib import Path
 
 from effusion.bench import BASELINE, _run_variant
 from effusion.evaluate.evaluate import evaluate_run
-from effusion.latent import VAE_INFO, vae_config
-from effusion.train.checkpoint import latest_checkpoint
-from effusion.train.loop import train
+from effusion.recipes import feature_classifier, train, vae_config
+from effusion.runs import latest_checkpoint
+from effusion.runs import read_config as res_cfg
+from effusion.runs.files import VAE_INFO
 
 
 def main() -> None:
@@ -85,7 +86,8 @@ def main() -> None:
             from effusion.config import load_config
 
             res = train(load_config(None, cfg_over), run, fresh=True)
-            ev = evaluate_run(run, n=args.n, bpd_n=0, progress=True)
+            ev = evaluate_run(run, n=args.n, bpd_n=0, features=feature_classifier(res_cfg(run).data,
+                                                                                    progress=True))
             result[name].update(train_steps=res.step, train_images=res.images_seen,
                                 train_minutes=res.minutes, fid=ev["fid"],
                                 class_accuracy=ev.get("class_accuracy"),

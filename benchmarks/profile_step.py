@@ -14,17 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
-from effusion.bench import BASELINE
+from effusion.bench import BASELINE, setup_child
 from effusion.config import load_config
-from effusion.models import build_model
-from effusion.train.loop import train_step, training_data
-from effusion.train.optim import build_optimizer
-from effusion.train.precision import Precision, resolve_device, resolve_precision
-from effusion.train.switches import apply_switches
-from effusion.train.tasks import DiffusionTask
+from effusion.train.loop import train_step
 
 
 def main() -> None:
@@ -36,24 +30,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    cfg = load_config(None, BASELINE + args.overrides)
-    tc = cfg.train
-    device = resolve_device(tc.device)
-    prec = Precision(device, resolve_precision(tc.precision, device))
-    cfg, _, train_set, val_set, loader = training_data(cfg, device)
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg).to(device)
-    net, fmt, _ = apply_switches(model, tc)
-    opt = build_optimizer(model, tc)
-    scaler = prec.make_scaler()
-    gen = torch.Generator().manual_seed(1)
-    task = DiffusionTask(cfg, None, train_set, val_set, prec, None, fmt)
+    cfg, prec, _, state, task = setup_child(load_config(None, BASELINE + args.overrides))
+    tc, device = cfg.train, prec.device
     for _ in range(args.warmup):
-        train_step(net, model, opt, scaler, loader, task, gen, tc)
+        train_step(state, task, tc)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(args.steps):
-            train_step(net, model, opt, scaler, loader, task, gen, tc)
+            train_step(state, task, tc)
+    state.loader.close()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
     total = sum(getattr(e, key) for e in events) or 1.0

@@ -95,8 +95,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/recipe_quality.json"))
     args = ap.parse_args()
 
-    from effusion.sampling import generate, load_run
-    from effusion.train.logging import read_metrics
+    from effusion.runs import load_run, read_metrics
+    from effusion.sampling import generate
 
     data = load_source(DataConfig())
     x, y = to_model_range(data.images), data.labels

@@ -54,11 +54,11 @@ def run_variant(variant: str, precision: str, steps: int, warmup: int, batch: in
 
     from effusion.config import load_config
     from effusion.data import BatchStream, load_source, to_model_range
+    from effusion.diffusion import schedule_for
     from effusion.models import build_model
-    from effusion.sampling import schedule_for
+    from effusion.precision import Precision, resolve_device, resolve_precision
     from effusion.train.objective import diffusion_loss
     from effusion.train.optim import build_optimizer
-    from effusion.train.precision import Precision, resolve_device, resolve_precision
 
     # Unconditional, so the diffusers model (no class input) runs the same task; the class
     # embedding of the default recipe adds one table lookup per sample.

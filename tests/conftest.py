@@ -115,10 +115,10 @@ def feature_classifier(_private_cache):
     the shipped recipe (about half a minute) into the private cache, where `effusion
     evaluate` without --features finds it."""
     from effusion.config import DataConfig
-    from effusion.evaluate.features import default_feature_classifier
+    from effusion.recipes import feature_classifier as train_or_load
 
     torch.set_num_threads(2)  # the one heavy job of the session
     try:
-        return default_feature_classifier(DataConfig())
+        return train_or_load(DataConfig())
     finally:
         torch.set_num_threads(1)

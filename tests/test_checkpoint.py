@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from effusion.models import build_model
-from effusion.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
+from effusion.runs.files import (CheckpointError, latest_checkpoint, list_checkpoints,
                                        load_checkpoint_state, load_weights, read_config,
                                        save_checkpoint, write_config)
 from effusion.train.ema import EMA
@@ -37,8 +37,8 @@ def _save(run, step, model, ema, opt, keep=3):
     rng = {"generator": torch.Generator().manual_seed(9).get_state(), "torch": torch.get_rng_state()}
     state = {"images_seen": 4 * step, "elapsed_s": 1.5, "skipped_steps": 0,
              "ema_updates": ema.updates, "data": {"epoch": 1, "index": 3}}
-    return save_checkpoint(run, step, model=model, ema=ema.state_dict(), optimizer=opt,
-                           rng=rng, state=state, keep=keep), rng
+    return save_checkpoint(run, step, model=model.state_dict(), ema=ema.state_dict(),
+                           optimizer=opt.state_dict(), rng=rng, state=state, keep=keep), rng
 
 
 def test_save_then_load_is_bit_exact(tmp_path, make_cfg):
@@ -170,8 +170,11 @@ def test_config_round_trip_through_run_dir(tmp_path, tiny_cfg):
     write_config(tmp_path / "r", tiny_cfg)
     assert read_config(tmp_path / "r") == tiny_cfg
     assert not list((tmp_path / "r").glob("*.tmp"))
-    with pytest.raises(CheckpointError, match="not a run directory"):
+    with pytest.raises(CheckpointError, match="run directory not found"):
         read_config(tmp_path / "elsewhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a run directory"):
+        read_config(tmp_path / "empty")
 
 
 def test_state_json_is_readable_json(tmp_path, make_cfg):

@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 
-from effusion.classify import classifier_config, load_classifier
 from effusion.config import ConfigError
 from effusion.data import load_source, split
 from effusion.models import build_model
-from effusion.train.checkpoint import CheckpointError
-from effusion.train.logging import read_metrics
-from effusion.train.loop import train
+from effusion.recipes import classifier_config, train
+from effusion.runs import load_classifier, read_metrics
+from effusion.runs.files import CheckpointError
 
 
 def held_out_accuracy(run) -> float:

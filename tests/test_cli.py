@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_OVERRIDES
 from PIL import Image
 from typer.testing import CliRunner
 
 from effusion.cli import app
-
-from conftest import TINY_OVERRIDES
 
 
 def _set_args(*extra: str) -> list[str]:
@@ -146,7 +145,7 @@ def cli_classifier(tmp_path_factory):
 
 
 def test_classifier_train_records_flags_in_config(cli_classifier):
-    from effusion.train.checkpoint import read_config
+    from effusion.runs.files import read_config
 
     cfg = read_config(cli_classifier)
     assert (cfg.model.arch, cfg.train.optimizer, cfg.train.lr, cfg.train.lr_schedule) == \
@@ -217,7 +216,7 @@ def test_evaluate_features_must_match_images(trained_run, tmp_path):
 def test_classifier_resume_keeps_the_runs_config(cli_classifier, tmp_path):
     import shutil
 
-    from effusion.train.checkpoint import read_config
+    from effusion.runs.files import read_config
 
     run = tmp_path / "clf"
     shutil.copytree(cli_classifier, run)

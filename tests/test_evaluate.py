@@ -11,12 +11,11 @@ import torch.nn.functional as F
 
 from effusion.config import DataConfig
 from effusion.data import DataError, load_source
+from effusion.diffusion import NetworkDenoiser, schedule_for
 from effusion.evaluate import FeatureScorer, evaluate_images, evaluate_run, fid, kid
 from effusion.evaluate.likelihood import bits_per_dim
 from effusion.models import build_model
-from effusion.sampling import schedule_for
-from effusion.diffusion import NetworkDenoiser
-from effusion.train.loop import train
+from effusion.recipes import train
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +95,7 @@ def test_image_array_errors(tmp_path, arr, msg):
 @pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory):
     """An MLP on 16px digits: enough to provide features for tiny-run tests in seconds."""
-    from effusion.classify import classifier_config
+    from effusion.recipes import classifier_config
 
     run = tmp_path_factory.mktemp("clf16") / "run"
     train(classifier_config(["model.arch=mlp", "data.image_size=16", "train.epochs=2",
@@ -121,7 +120,7 @@ def test_bits_per_dim_lower_after_brief_training(tmp_path, make_cfg):
     cfg = make_cfg("train.max_steps=60", "train.lr=3e-3", "train.ema_decay=0")
     untrained = build_model(cfg).eval()
     train(cfg, tmp_path / "r", progress=False)
-    from effusion.sampling import load_run
+    from effusion.runs import load_run
 
     trained = load_run(tmp_path / "r", device="cpu").model
     data = load_source(cfg.data)
@@ -139,7 +138,7 @@ def test_bits_per_dim_lower_after_brief_training(tmp_path, make_cfg):
 
 
 def test_fid_during_training_is_logged(tmp_path, make_cfg, tiny_classifier):
-    from effusion.train.logging import read_metrics
+    from effusion.runs import read_metrics
 
     run = tmp_path / "run"
     train(make_cfg("train.max_steps=4", "train.eval_every=2", "train.eval_n=16",
@@ -154,3 +153,31 @@ def test_fid_is_independent_of_sample_order(scorer):
     assert scorer.fid(x) == pytest.approx(scorer.fid(x.flip(0)), rel=1e-6)  # float32 features
     f = scorer.classifier.predict(x)[0]
     assert fid(f, f) == pytest.approx(0.0, abs=1e-3)  # 128-d, some dims near-constant
+
+
+def test_cli_evaluate_trains_missing_features_explicitly_and_keeps_json_pure(
+        tmp_path, make_cfg, tiny_classifier, monkeypatch):
+    """Without --features, `effusion evaluate` first takes the explicit feature step; its
+    log goes to stderr, so --json prints exactly one JSON document on stdout."""
+    import effusion.recipes
+    from typer.testing import CliRunner
+
+    from effusion.cli import app
+    from effusion.runs import load_classifier
+
+    asked = []
+
+    def fake_step(data, progress=False):  # stands in for training the cached classifier
+        asked.append((data.source, data.image_size, progress))
+        print("effusion: training the feature classifier ... (log line)")
+        return load_classifier(tiny_classifier)
+
+    monkeypatch.setattr(effusion.recipes, "feature_classifier", fake_step)
+    run = tmp_path / "run"
+    train(make_cfg("train.max_steps=2"), run, progress=False)
+    r = CliRunner().invoke(app, ["evaluate", "--run", str(run), "--n", "12", "--steps", "2",
+                                 "--bpd-n", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    assert asked == [("mnist5k", 16, False)]
+    assert json.loads(r.stdout)["features"] == str(tiny_classifier)
+    assert "training the feature classifier" in r.stderr

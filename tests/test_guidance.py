@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from effusion.config import ConfigError, DiffusionConfig
 from effusion.diffusion import GuidedDenoiser, Schedule
+from effusion.precision import Precision
 from effusion.train.objective import diffusion_loss
-from effusion.train.precision import Precision
 
 NULL = 10
 
@@ -76,7 +76,8 @@ def test_observed_label_drop_rate_matches_cond_drop(p):
 @pytest.fixture(scope="module")
 def cond_run(tmp_path_factory):
     from conftest import tiny_config
-    from effusion.train.loop import train
+
+    from effusion.recipes import train
 
     run = tmp_path_factory.mktemp("cond") / "run"
     train(tiny_config("model.num_classes=10", "train.max_steps=2"), run, progress=False)
@@ -84,7 +85,8 @@ def cond_run(tmp_path_factory):
 
 
 def test_generate_conditional_defaults_to_an_even_spread(cond_run):
-    from effusion.sampling import class_labels, generate, load_run
+    from effusion.runs import load_run
+    from effusion.sampling import class_labels, generate
 
     run = load_run(cond_run, device="cpu")
     a = generate(run, 10, steps=2, seed=1)
@@ -101,8 +103,9 @@ def test_generate_conditional_defaults_to_an_even_spread(cond_run):
 
 
 def test_guidance_errors(cond_run, tmp_path, make_cfg):
-    from effusion.sampling import generate, load_run
-    from effusion.train.loop import train
+    from effusion.recipes import train
+    from effusion.runs import load_run
+    from effusion.sampling import generate
 
     train(make_cfg("train.max_steps=1"), tmp_path / "u", progress=False)
     uncond = load_run(tmp_path / "u", device="cpu")
@@ -136,9 +139,8 @@ def test_sample_cli_class_and_guidance(cond_run, tmp_path):
 def test_guidance_sweep_writes_json_and_plot(cond_run, tmp_path):
     import json
 
-    from effusion.classify import classifier_config
     from effusion.cli import app
-    from effusion.train.loop import train
+    from effusion.recipes import classifier_config, train
 
     clf = tmp_path / "clf"
     train(classifier_config(["model.arch=mlp", "data.image_size=16", "train.epochs=1",
@@ -158,7 +160,7 @@ def test_guidance_sweep_writes_json_and_plot(cond_run, tmp_path):
 
 def test_guidance_sweep_needs_a_conditional_run(tmp_path, make_cfg):
     from effusion.evaluate import guidance_sweep
-    from effusion.train.loop import train
+    from effusion.recipes import train
 
     train(make_cfg("train.max_steps=1"), tmp_path / "u", progress=False)
     with pytest.raises(ConfigError, match="class-conditional"):

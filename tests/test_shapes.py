@@ -48,11 +48,11 @@ def test_each_shape_class_is_recognised_by_the_feature_classifier_recipe(tmp_pat
     """The classifier recipe with the `convnet` (the feature network metrics use for RGB
     data) recognises every class at >= 95% on held-out shapes (100% after the full 15
     epochs on 6,000 images; here 8 epochs, past the first LR decay, to keep the test short)."""
-    from effusion.classify import classifier_config, load_classifier
     from effusion.config import DataConfig
     from effusion.data import split
     from effusion.evaluate.features import feature_arch, feature_run_dir
-    from effusion.train.loop import train
+    from effusion.recipes import classifier_config, train
+    from effusion.runs import load_classifier
 
     shapes = DataConfig(source="shapes:4000", image_size=32, channels=3)
     assert feature_arch(shapes) == "convnet" and feature_arch(DataConfig()) == "cnn"

@@ -12,13 +12,13 @@ import torch.nn as nn
 from effusion.bench import bench_train, markdown, write
 from effusion.config import ConfigError
 from effusion.data import BatchLoader, BatchStream, load_source
+from effusion.diffusion import schedule_for
 from effusion.models import build_model
-from effusion.sampling import schedule_for
-from effusion.train.logging import read_metrics
-from effusion.train.loop import train
+from effusion.precision import Precision, bf16_supported
+from effusion.recipes import train
+from effusion.runs import read_metrics
 from effusion.train.objective import diffusion_loss
 from effusion.train.optim import build_optimizer, optimizer_state_bytes
-from effusion.train.precision import Precision, bf16_supported
 from effusion.train.switches import CompiledWithFallback, apply_switches
 
 

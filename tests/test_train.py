@@ -9,15 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import effusion.recipes.generative as generative
 import effusion.train.loop as loop
 from effusion.config import ConfigError
 from effusion.data import BatchStream, load_source, to_model_range
-from effusion.diffusion import loss_weight, target
+from effusion.diffusion import loss_weight, schedule_for, target
 from effusion.models import build_model
-from effusion.sampling import schedule_for
-from effusion.train.checkpoint import CheckpointError, list_checkpoints, load_weights, read_config
-from effusion.train.logging import read_metrics
-from effusion.train.loop import TrainingError, train
+from effusion.recipes import train
+from effusion.runs import read_metrics
+from effusion.runs.files import CheckpointError, list_checkpoints, load_weights, read_config
+from effusion.train.loop import TrainingError
 
 # Augmentation and dropout on, so resuming must restore the training generator *and*
 # torch's global RNG to reproduce the uninterrupted run.
@@ -164,15 +165,15 @@ class _NaNAfter(torch.nn.Module):
 
 def test_persistent_nan_loss_stops_training_without_updating(run_dir, make_cfg, monkeypatch):
     built = {}
-    real_build = loop.build_model
+    real_build = generative.build_model
 
-    def build(cfg):
-        m = _NaNAfter(real_build(cfg), nan_calls=range(10**9))
+    def build(cfg, **kw):
+        m = _NaNAfter(real_build(cfg, **kw), nan_calls=range(10**9))
         built["model"] = m
         built["init"] = {k: v.clone() for k, v in m.state_dict().items()}
         return m
 
-    monkeypatch.setattr(loop, "build_model", build)
+    monkeypatch.setattr(generative, "build_model", build)
     cfg = make_cfg("train.max_steps=50")
     with pytest.raises(TrainingError, match="NaN") as e:
         train(cfg, run_dir, progress=False)
@@ -186,8 +187,9 @@ def test_persistent_nan_loss_stops_training_without_updating(run_dir, make_cfg, 
 
 
 def test_occasional_nan_steps_are_skipped(run_dir, make_cfg, monkeypatch):
-    real_build = loop.build_model
-    monkeypatch.setattr(loop, "build_model", lambda cfg: _NaNAfter(real_build(cfg), {1, 2, 5}))
+    real_build = generative.build_model
+    monkeypatch.setattr(generative, "build_model",
+                        lambda cfg, **kw: _NaNAfter(real_build(cfg, **kw), {1, 2, 5}))
     res = train(make_cfg("train.max_steps=4"), run_dir, progress=False)
     assert res.step == 4
     m = read_metrics(run_dir)
@@ -241,7 +243,7 @@ def test_epochs_limit_training(run_dir, make_cfg):
 def test_num_classes_auto_follows_the_data(tmp_path, make_cfg):
     import numpy as np
 
-    from effusion.train.checkpoint import read_config
+    from effusion.runs.files import read_config
 
     train(make_cfg("model.num_classes=-1", "train.max_steps=1"), tmp_path / "a", progress=False)
     assert read_config(tmp_path / "a").model.num_classes == 10  # mnist5k is labelled
@@ -259,7 +261,7 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
     """4 micro-batches of 4 give the same update as one batch of 16 (fp32, 1e-5; plain SGD,
     whose step scales with the gradient, so a wrong accumulation scale shows): a
     deterministic loss (mlp classifier, no dropout, no augmentation) on the same images."""
-    from effusion.classify import classifier_config
+    from effusion.recipes import classifier_config
 
     def weights(batch: int, accum: int, name: str) -> dict:
         cfg = classifier_config(["model.arch=mlp", "model.dropout=0", "data.rotate=0",
@@ -281,7 +283,7 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_tf32_switch_sets_the_flags_and_says_cpu_is_a_no_op(run_dir, make_cfg, capsys):
-    from effusion.train.precision import apply_tf32
+    from effusion.precision import apply_tf32
 
     try:
         train(make_cfg("train.tf32=false", "train.max_steps=1"), run_dir, progress=False)
@@ -292,3 +294,34 @@ def test_tf32_switch_sets_the_flags_and_says_cpu_is_a_no_op(run_dir, make_cfg, c
         assert "no effect on cpu" in note
     finally:
         apply_tf32(False, torch.device("cpu"))  # torch's own default for matmul
+
+
+def test_train_state_round_trip(make_cfg):
+    """`TrainState.state_dict` is everything a checkpoint holds; loading it into a fresh
+    state gives the same weights, EMA, optimizer moments, RNG streams and data position."""
+    from effusion.models import build_model as build
+    from effusion.precision import Precision
+    from effusion.recipes import DiffusionRecipe
+    from effusion.train.loop import PlainRecipe, TaskContext, load_training_data, train_step
+    from effusion.train.state import TrainState
+
+    cfg = load_training_data(make_cfg()).cfg
+    prec = Precision(torch.device("cpu"), "fp32")
+    data = load_training_data(cfg)
+    a = TrainState.create(cfg, lambda: build(cfg), data.train_set, prec)
+    task = DiffusionRecipe().make_task(TaskContext(cfg, None, prec, a.mem_format, None,
+                                                   data.train_set, data.val_set))
+    for _ in range(2):
+        train_step(a, task, cfg.train)
+        a.ema.update(a.model)
+        a.step += 1
+    sd = a.state_dict({"k": 1})
+    b = TrainState.create(cfg, lambda: build(cfg), data.train_set, prec)
+    assert b.load_state_dict(sd) == {"k": 1}
+    assert b.step == 2 and b.ema.updates == 2 and b.loader.state_dict() == a.loader.state_dict()
+    for x, y in [(a.model, b.model), (a.ema.model, b.ema.model)]:
+        assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    ma = a.optimizer.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(ma, b.optimizer.state_dict()["state"][0]["exp_avg"])
+    assert isinstance(PlainRecipe().build_model(cfg), torch.nn.Module)

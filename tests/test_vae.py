@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 from effusion.cli import app
 from effusion.config import ConfigError, VAEConfig
 from effusion.data import load_source, split, to_model_range
-from effusion.latent import VAE_INFO, load_vae, vae_config
 from effusion.models import build_model, denoiser_input
 from effusion.models.vae import VAE, kl_to_standard_normal, latent_size, psnr
-from effusion.train.checkpoint import CheckpointError
-from effusion.train.loop import train
+from effusion.recipes import train, vae_config
+from effusion.runs import build_run_model, load_vae
+from effusion.runs.files import VAE_INFO, CheckpointError
 
 VAE_TINY = ["data.image_size=16", "data.limit=128", "model.channels=8", "model.norm_groups=4",
             "train.max_minutes=0", "train.threads=1", "train.precision=fp32", "train.device=cpu",
@@ -82,15 +82,16 @@ def test_short_vae_training_lowers_reconstruction_error_and_records_its_scale(tm
 
 
 def test_feature_loss_goes_through_the_domain_classifier(tmp_path, monkeypatch):
-    import effusion.evaluate.features as features
-    from effusion.classify import LoadedClassifier, classifier_config
+    import effusion.recipes.generative as generative
+    from effusion.recipes import classifier_config
+    from effusion.runs import LoadedClassifier
 
     calls = []
     ccfg = classifier_config(["data.image_size=16", "model.num_classes=10"])
     clf_model = build_model(ccfg).eval()
     real_features = clf_model.features
     clf_model.features = lambda x: calls.append(x.shape) or real_features(x)
-    monkeypatch.setattr(features, "default_feature_classifier",
+    monkeypatch.setattr(generative, "feature_classifier",
                         lambda data, progress=False: LoadedClassifier(tmp_path, ccfg, clf_model, False))
     run, res = _vae_run(tmp_path, "train.max_steps=3", "vae.feature_weight=0.5")
     assert len(calls) == 2 * 3  # reconstructions and originals, each step
@@ -126,12 +127,14 @@ def test_latent_run_trains_samples_and_evaluates_with_no_extra_flags(tmp_path, v
     assert r.exit_code == 0, r.output
     assert "encoded 115 images to (4, 4, 4) latents" in r.output  # once: no augmentation
     cfg = load_vae(vae_run).config
-    from effusion.train.checkpoint import read_config
+    from effusion.runs.files import read_config
 
     lcfg = read_config(run)
     assert lcfg.model.space == "latent" and lcfg.model.vae == str(vae_run.resolve())
-    assert denoiser_input(lcfg) == (4, 4)
-    assert build_model(lcfg).conv_in.in_channels == 4 and cfg.model.arch == "vae"
+    assert denoiser_input(lcfg, (4, 4, 4)) == (4, 4)
+    assert build_run_model(lcfg).conv_in.in_channels == 4 and cfg.model.arch == "vae"
+    with pytest.raises(ConfigError, match="latent shape"):
+        build_model(lcfg)  # building a model reads no file: the shape must be given
 
     out = tmp_path / "s.png"
     r = runner.invoke(app, ["sample", "--run", str(run), "--n", "4", "--out", str(out)])
@@ -140,20 +143,20 @@ def test_latent_run_trains_samples_and_evaluates_with_no_extra_flags(tmp_path, v
     assert img.size[0] == img.size[1] and img.size[0] >= 2 * 16  # a 2x2 grid of 16px images
 
     # evaluate: samples decoded through the VAE, scored in pixel space; no bits/dim
-    from effusion.classify import classifier_config
     from effusion.evaluate.evaluate import evaluate_run
+    from effusion.recipes import classifier_config
 
     clf = tmp_path / "clf"
     train(classifier_config(["data.image_size=16", "data.limit=256", "train.epochs=1",
                              "train.threads=1", "train.device=cpu"]), clf, progress=False)
-    res = evaluate_run(run, n=16, features=clf, bpd_n=8, progress=False)
+    res = evaluate_run(run, n=16, features=clf, bpd_n=8)
     assert res["fid"] > 0 and "bpd" not in res and "latent" in res["bpd_note"]
 
 
 def test_latent_run_with_augmentation_encodes_on_the_fly(tmp_path, vae_run, monkeypatch):
-    from effusion.latent import LoadedVAE
-    from effusion.train.checkpoint import read_config
-    from effusion.train.loop import train as train_fn
+    from effusion.recipes import train as train_fn
+    from effusion.runs import LoadedVAE
+    from effusion.runs.files import read_config
 
     calls = []
     real = LoadedVAE.encode
@@ -185,7 +188,7 @@ def test_latent_errors_are_clear(tmp_path, vae_run, make_cfg):
     # sampling or evaluating the VAE run itself
     for cmd in (["sample", "--run", str(vae_run), "--n", "2"], ["evaluate", "--run", str(vae_run)]):
         r = runner.invoke(app, cmd)
-        assert r.exit_code == 2 and "is a VAE run, not a diffusion run" in r.output, cmd
+        assert r.exit_code == 2 and "is a VAE run (model.arch=vae), not a diffusion run" in r.output, cmd
     # an unfinished VAE run (no vae.json)
     unfinished = tmp_path / "unfinished"
     import shutil
@@ -204,7 +207,7 @@ def test_vae_cli_reports_psnr_and_scale(tmp_path):
                             *_sets(*VAE_TINY, "train.max_steps=3")])
     assert r.exit_code == 0, r.output
     assert "reconstruction PSNR" in r.output and "latents (2, 8, 8)" in r.output
-    from effusion.train.checkpoint import read_config
+    from effusion.runs.files import read_config
 
     cfg = read_config(run)
     assert (cfg.vae.latent_channels, cfg.vae.downsample, cfg.vae.recon) == (2, 2, "l2")

@@ -1,7 +1,7 @@
 """effusion: train diffusion models fast on the hardware you have.
 
     from effusion import load_config, load_run, generate
-    from effusion.train.loop import train
+    from effusion.recipes import train
     cfg = load_config(None, ["train.max_minutes=5"])
     train(cfg, "runs/mnist")
     images = generate(load_run("runs/mnist"), 16)   # uint8 (16, 1, 28, 28)
@@ -16,7 +16,8 @@ _API = {
     "ConfigError": "effusion.config",
     "load_config": "effusion.config",
     "TrainingError": "effusion.train.loop",
-    "load_run": "effusion.sampling",
+    "load_run": "effusion.runs",
+    "load": "effusion.runs",
     "generate": "effusion.sampling",
 }
 

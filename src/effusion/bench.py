@@ -13,8 +13,9 @@ reports:
   evaluated in fp32) after the `steps` steps, relative to the baseline's: 100% = the same,
   above 100% = lower loss than the baseline.
 
-Output: a markdown table with the columns of the optimisation table in MISSION.md, the
-same numbers as JSON, and a PNG bar chart.
+Output: a markdown table with the columns of the source write-up's table of training
+optimizations (memory saved, speed, quality kept), the same numbers as JSON, and a PNG
+bar chart.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from effusion.config import ConfigError, load_config
+from effusion.plots import figure
+from effusion.runs import atomic_write, write_json
 
 # The baseline switches every variant starts from: fp32, eager, nothing saved or quantised.
 BASELINE = ["train.precision=fp32", "train.tf32=false", "train.compile=false",
@@ -72,7 +75,7 @@ KEYS = [v.key for v in variants(128)] + ["fastest"]
 
 def _unavailable(v: Variant, device: str) -> str:
     """Why a variant cannot run here ('' if it can)."""
-    from effusion.train.precision import bf16_supported, resolve_device
+    from effusion.precision import bf16_supported, resolve_device
 
     dev = resolve_device(device)
     if v.needs == "cuda" and dev.type != "cuda":
@@ -97,9 +100,9 @@ def fixed_eval_loss(model, data, cfg, prec, n: int = 512, seed: int = 1234, vae=
     import torch
 
     from effusion.data import to_model_range
-    from effusion.sampling import schedule_for
+    from effusion.diffusion import schedule_for
+    from effusion.precision import Precision
     from effusion.train.objective import diffusion_loss
-    from effusion.train.precision import Precision
 
     fp32 = Precision(prec.device, "fp32")
     schedule = schedule_for(cfg)
@@ -120,33 +123,35 @@ def fixed_eval_loss(model, data, cfg, prec, n: int = 512, seed: int = 1234, vae=
     return total / count
 
 
+def setup_child(cfg):
+    """The loop's own setup without a run directory: (config, precision, data, state, task)
+    for a diffusion config, as `effusion.train.loop.train` would build them."""
+    from effusion.recipes import DiffusionRecipe
+    from effusion.train.loop import TaskContext, resolve_runtime
+    from effusion.train.state import TrainState
+
+    cfg, prec, _ = resolve_runtime(cfg)
+    recipe = DiffusionRecipe()
+    data = recipe.prepare_data(cfg, prec.device)
+    cfg = data.cfg
+    state = TrainState.create(cfg, lambda: recipe.build_model(cfg), data.train_set, prec)
+    task = recipe.make_task(TaskContext(cfg, None, prec, state.mem_format, None,
+                                        data.train_set, data.val_set))
+    return cfg, prec, data, state, task
+
+
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Inside the fresh process: train `steps` steps of one variant and measure it."""
     import torch
 
-    from effusion.models import build_model, count_params
-    from effusion.train.loop import train_step, training_data
+    from effusion.data import load_source
+    from effusion.models import count_params
+    from effusion.train.loop import train_step
     from effusion.train.memory import measure_step_memory
-    from effusion.train.optim import build_optimizer, lr_factor, set_lr
-    from effusion.train.precision import Precision, apply_tf32, resolve_device, resolve_precision
-    from effusion.train.switches import apply_switches
-    from effusion.train.tasks import DiffusionTask
+    from effusion.train.optim import lr_factor, set_lr
 
-    cfg = load_config(spec["config"], spec["overrides"])
-    tc = cfg.train
-    device = resolve_device(tc.device)
-    prec = Precision(device, resolve_precision(tc.precision, device))
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    apply_tf32(tc.tf32, device)
-    cfg, data, train_set, val_set, loader = training_data(cfg, device)
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg).to(device)
-    net, mem_format, notes = apply_switches(model, tc)
-    opt = build_optimizer(model, tc)
-    scaler = prec.make_scaler()
-    gen = torch.Generator().manual_seed(tc.seed + 1)
-    task = DiffusionTask(cfg, None, train_set, val_set, prec, None, mem_format)
+    cfg, prec, data, state, task = setup_child(load_config(spec["config"], spec["overrides"]))
+    tc, device = cfg.train, prec.device
     steps, times, losses, skipped = spec["steps"], [], [], 0
 
     def sync() -> None:
@@ -155,28 +160,31 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     try:
         for step in range(steps):
-            set_lr(opt, tc.lr * lr_factor(step, step / steps, tc.warmup_steps, tc.lr_schedule))
+            set_lr(state.optimizer, tc.lr * lr_factor(step, step / steps, tc.warmup_steps,
+                                                      tc.lr_schedule))
             sync()
             t0 = time.perf_counter()
-            outcome, _ = train_step(net, model, opt, scaler, loader, task, gen, tc)
+            outcome, _ = train_step(state, task, tc)
             sync()
             times.append(time.perf_counter() - t0)
             losses.append(outcome.loss)
             skipped += not outcome.finite
-        eval_data = val_set if val_set is not None else data  # pixels, not latents
-        eval_loss = fixed_eval_loss(model, eval_data, cfg, prec, vae=task.vae)
-        mem = measure_step_memory(lambda: train_step(net, model, opt, scaler, loader, task, gen, tc),
-                                  model, opt)
+        # pixels, not latents: the held-out split, or all images if there is none
+        eval_data = data.val_set if data.val_set is not None else load_source(cfg.data)
+        eval_loss = fixed_eval_loss(state.model, eval_data, cfg, prec, vae=task.vae)
+        mem = measure_step_memory(lambda: train_step(state, task, tc), state.model,
+                                  state.optimizer)
     finally:
-        loader.close()
+        state.loader.close()
     timed = times[spec["warmup"]:] or times
     step_s = statistics.median(timed)
     images_per_step = tc.batch_size * tc.grad_accum
+    net, opt = state.net, state.optimizer
     return {"images_per_s": images_per_step / step_s, "step_ms": 1000 * step_s,
             "compile_s": getattr(net, "compile_s", None), "compile_error": getattr(net, "error", None),
             "memory": mem.as_dict(), "eval_loss": eval_loss, "train_loss_last": losses[-1],
             "skipped_steps": skipped, "precision": prec.mode, "device": str(device),
-            "params": count_params(model), "notes": notes,
+            "params": count_params(state.model), "notes": state.switch_notes,
             "optimizer": type(opt).__module__ + "." + type(opt).__name__}
 
 
@@ -331,7 +339,7 @@ def bench_train(config: str | None = None, steps: int = 50, warmup: int = 5,
 
 
 def markdown(result: BenchResult) -> str:
-    """The table in MISSION.md's columns, plus the raw figures behind them."""
+    """The table (memory saved, speed, quality kept), plus the raw figures behind them."""
     lines = ["| technique | memory saved (peak) | speed | quality kept | images/s | peak MB | "
              "activations MB | weights + grads + optimizer MB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -360,34 +368,25 @@ def markdown(result: BenchResult) -> str:
 
 
 def plot(result: BenchResult, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in result.rows if "speedup" in r or r.get("key") == "fp32" and "memory" in r]
     labels = [r["label"] for r in rows]
     speed = [r["images_per_s"] for r in rows]
     act = [r["memory"]["activations_mb"] for r in rows]
     static = [r["memory"]["weights_mb"] + r["memory"]["grads_mb"] + r["memory"]["optimizer_mb"]
               for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.5), sharey=True)
-    y = range(len(rows))
-    a.barh(y, speed, color="tab:blue")
-    a.set(xlabel="images/s (higher is better)", yticks=list(y), yticklabels=labels)
-    a.invert_yaxis()
-    b.barh(y, static, color="tab:gray", label="weights + grads + optimizer")
-    b.barh(y, act, left=static, color="tab:orange", label="activations")
-    b.set(xlabel="peak training memory, MB (lower is better)")
-    b.legend(loc="lower right")
-    for ax in (a, b):
-        ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"effusion bench train: {result.meta.get('device', '')}, "
-                 f"{result.meta['steps']} steps, batch {result.meta['batch_size']}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, ncols=2, figsize=(12, 0.45 * len(rows) + 1.5), sharey=True) as (fig, (a, b)):
+        y = range(len(rows))
+        a.barh(y, speed, color="tab:blue")
+        a.set(xlabel="images/s (higher is better)", yticks=list(y), yticklabels=labels)
+        a.invert_yaxis()
+        b.barh(y, static, color="tab:gray", label="weights + grads + optimizer")
+        b.barh(y, act, left=static, color="tab:orange", label="activations")
+        b.set(xlabel="peak training memory, MB (lower is better)")
+        b.legend(loc="lower right")
+        for ax in (a, b):
+            ax.grid(axis="x", alpha=0.3)
+        fig.suptitle(f"effusion bench train: {result.meta.get('device', '')}, "
+                     f"{result.meta['steps']} steps, batch {result.meta['batch_size']}")
     return path
 
 
@@ -395,9 +394,9 @@ def write(result: BenchResult, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "bench_train.json", "markdown": out / "bench_train.md",
              "png": out / "bench_train.png"}
-    paths["json"].write_text(json.dumps({"meta": result.meta, "rows": result.rows,
-                                         "targets": result.targets}, indent=2))
-    paths["markdown"].write_text(markdown(result) + "\n")
+    write_json(paths["json"], {"meta": result.meta, "rows": result.rows,
+                               "targets": result.targets})
+    atomic_write(paths["markdown"], markdown(result) + "\n")
     plot(result, paths["png"])
     return paths
 

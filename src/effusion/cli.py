@@ -40,7 +40,7 @@ def user_errors(fn: Callable) -> Callable:
 def _resumed_config(run: Path, set_: list[str]):
     """A resumed run continues with its own config.yaml; only --set may change it."""
     from effusion.config import config_from_dict, parse_overrides
-    from effusion.train.checkpoint import read_config
+    from effusion.runs import read_config
 
     return config_from_dict(parse_overrides(set_), read_config(run))
 
@@ -59,13 +59,13 @@ def train(
 ) -> None:
     """Train a diffusion model (default: the MNIST recipe in configs/mnist.yaml)."""
     from effusion.config import load_config
-    from effusion.train.loop import train as train_fn
+    from effusion.recipes import train as train_fn
 
     if resume and (config is not None or vae is not None):
         raise ConfigError("--resume uses the run's own config.yaml; drop --config and --vae "
                           "(--set may still change e.g. train.max_steps)")
     if vae is not None:
-        from effusion.latent import load_vae
+        from effusion.runs import load_vae
 
         load_vae(vae)  # fail now, with a clear message, if it is not a finished VAE run
         set_ = [f"model.space=latent", f"model.vae={vae.resolve()}"] + list(set_)
@@ -98,7 +98,8 @@ def sample(
     import time
 
     from effusion.data.images import save_grid, save_npy
-    from effusion.sampling import class_labels, generate, load_run
+    from effusion.runs import load_run
+    from effusion.sampling import class_labels, generate
 
     loaded = load_run(run, ema=ema, device=device, precision=precision)
     if classes is not None and not loaded.num_classes:
@@ -124,31 +125,23 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Show a run's config, checkpoints, parameter count and last metrics."""
-    from effusion.models import build_model, count_params
-    from effusion.train.checkpoint import list_checkpoints, read_config
-    from effusion.train.logging import read_metrics
+    from effusion.runs import describe
 
-    cfg = read_config(run)
-    ckpts = list_checkpoints(run)
-    metrics = read_metrics(run)
-    summary = {
-        "run": str(run),
-        "params": count_params(build_model(cfg)),
-        "checkpoints": [p.name for p in ckpts],
-        "step": int(ckpts[-1].name.split("-")[1]) if ckpts else 0,
-        "last_metrics": metrics[-1] if metrics else None,
-        "config": cfg.to_dict(),
-    }
+    ri = describe(run)
+    summary = ri.as_dict()
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
         return
-    typer.echo(f"run:         {run}")
-    typer.echo(f"params:      {summary['params']:,}")
-    typer.echo(f"step:        {summary['step']}  (checkpoints: {', '.join(summary['checkpoints']) or 'none'})")
-    if metrics:
+    typer.echo(f"run:         {run}  ({ri.kind})")
+    typer.echo(f"params:      {ri.params:,}")
+    typer.echo(f"step:        {ri.step}  (checkpoints: {', '.join(ri.checkpoints) or 'none'})")
+    for p in ri.lineage:
+        typer.echo(f"derived:     {p.get('pass', '?')} of {p.get('base', '?')} "
+                   + " ".join(f"{k}={v}" for k, v in p.items() if k not in ("pass", "base")))
+    if ri.last_metrics:
         typer.echo("last metrics: " + ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics[-1].items()))
-    typer.echo("config:\n" + "\n".join("  " + ln for ln in cfg.to_yaml().splitlines()))
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ri.last_metrics.items()))
+    typer.echo("config:\n" + "\n".join("  " + ln for ln in ri.config.to_yaml().splitlines()))
 
 
 classifier_app = typer.Typer(no_args_is_help=True, help="Train and quantize the small image "
@@ -180,8 +173,8 @@ def classifier_train(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train a classifier through the same loop (and switches) as the diffusion model."""
-    from effusion.classify import classifier_config
-    from effusion.train.loop import train as train_fn
+    from effusion.recipes import classifier_config
+    from effusion.recipes import train as train_fn
 
     flags = {"model.arch": arch, "train.optimizer": optimizer, "train.lr": lr,
              "train.lr_schedule": lr_schedule, "train.lr_step_every": step_every,
@@ -200,7 +193,7 @@ def classifier_train(
     # A resumed run keeps its own config (flags given with --resume are ignored; --set applies).
     cfg = _resumed_config(run, set_) if resume else classifier_config(overrides)
     result = train_fn(cfg, run, resume=resume, fresh=fresh, progress=not quiet)
-    from effusion.train.logging import read_metrics
+    from effusion.runs import read_metrics
 
     last = [m for m in read_metrics(run) if "val_acc" in m][-1]
     typer.echo(f"trained {result.step} steps in {result.minutes:.1f} min; held-out accuracy "
@@ -250,20 +243,27 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
 ) -> None:
     """FID, KID, precision/recall, coverage (and class accuracy, bits/dim) of a run or images."""
-    from effusion.evaluate import evaluate_images, evaluate_run
+    from effusion.config import DataConfig
+    from effusion.evaluate import evaluate_images, evaluate_run, load_image_array
+    from effusion.runs import read_config
 
     if (run is None) == (images is None):
         raise ConfigError("give exactly one of --run DIR or --images FILE.npy")
+    if run is not None:
+        clf = features or _feature_classifier(read_config(run).data, as_json)
+    else:
+        arr = load_image_array(images)
+        clf = features or _feature_classifier(
+            DataConfig(source=data, image_size=arr.shape[-1], channels=arr.shape[1]), as_json)
     if guidance_sweep is not None:
-        return _guidance_sweep(run, guidance_sweep, n, sampler, steps, seed, features, ema,
+        return _guidance_sweep(run, guidance_sweep, n, sampler, steps, seed, clf, ema,
                                device, as_json)
     if run is not None:
         r = evaluate_run(run, n, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
-                         features=features,
-                         bpd_n=bpd_n, bpd_strata=bpd_strata, ema=ema, device=device,
-                         progress=not as_json)
+                         features=clf, bpd_n=bpd_n, bpd_strata=bpd_strata, ema=ema,
+                         device=device)
     else:
-        r = evaluate_images(images, data, features=features, progress=not as_json)
+        r = evaluate_images(arr, data, features=clf)
     if as_json:
         typer.echo(json.dumps(r))
         return
@@ -286,8 +286,19 @@ def evaluate(
         typer.echo(f"wrote {run / 'metrics.json'}")
 
 
+def _feature_classifier(data, as_json: bool):
+    """The explicit step before scoring: the cached feature classifier for the data,
+    trained once if missing (its log goes to stderr, so --json output stays pure)."""
+    import contextlib
+
+    from effusion.recipes import feature_classifier
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return feature_classifier(data, progress=not as_json)
+
+
 def _guidance_sweep(run: Optional[Path], spec: str, n: int, sampler: Optional[str],
-                    steps: Optional[int], seed: int, features: Optional[Path], ema: bool,
+                    steps: Optional[int], seed: int, features, ema: bool,
                     device: str, as_json: bool) -> None:
     from effusion.evaluate import guidance_sweep
 
@@ -334,8 +345,9 @@ def vae_train(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train the VAE; reports held-out reconstruction PSNR and the latent scale factor."""
-    from effusion.latent import VAE_INFO, vae_config
-    from effusion.train.loop import train as train_fn
+    from effusion.recipes import train as train_fn
+    from effusion.recipes import vae_config
+    from effusion.runs.files import VAE_INFO
 
     flags = {"data.image_size": image_size, "data.channels": channels,
              "vae.latent_channels": latent_channels, "vae.downsample": downsample,

@@ -1,109 +1,13 @@
-"""Rebuild a trained model from its run directory and draw samples from it."""
+"""Draw samples from a loaded diffusion run (`effusion.runs.load_run`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
-from effusion.config import Config, ConfigError
-from effusion.data.loader import to_uint8
-from effusion.diffusion import SAMPLERS, GuidedDenoiser, NetworkDenoiser, Schedule, sample
-from effusion.models import UNet, build_model
-from effusion.train.checkpoint import CheckpointError, latest_checkpoint, load_weights, read_config
-from effusion.train.precision import Precision, bf16_supported, resolve_device, resolve_precision
-
-if TYPE_CHECKING:
-    from effusion.latent import LoadedVAE
-
-
-@dataclass
-class LoadedRun:
-    """A run's config, its network (EMA or raw weights), schedule and checkpoint step."""
-
-    run_dir: Path
-    config: Config
-    model: UNet
-    schedule: Schedule
-    step: int
-    precision: Precision
-    vae: "LoadedVAE | None" = None  # latent runs: decodes the sampled latents
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.model.num_classes
-
-    def denoiser(self, clip_x0: bool | None = None,
-                 guidance: float | None = None) -> NetworkDenoiser | GuidedDenoiser:
-        """The network as a Denoiser; class-conditional runs are wrapped in classifier-free
-        guidance with weight `guidance` (default: the run's `sample.guidance`)."""
-        clip = self.config.sample.clip_x0 if clip_x0 is None else clip_x0
-        clip = clip and self.vae is None  # latents have no fixed range to clip to
-        if not self.num_classes:
-            if guidance is not None:
-                raise ConfigError("guidance needs a class-conditional run (model.num_classes > 0)")
-            return NetworkDenoiser(self.model, self.schedule, self.config.diffusion.prediction,
-                                   clip_x0=clip, autocast=self.precision.autocast)
-        learned_uncond = self.config.train.cond_drop > 0
-        if guidance is None:  # the run's default; plain conditional if it cannot guide
-            w = self.config.sample.guidance if learned_uncond else 1.0
-        else:
-            w = guidance
-            if w != 1.0 and not learned_uncond:
-                raise ConfigError("this run was trained with train.cond_drop=0, so it never "
-                                  "learned the unconditional prediction that guidance needs; "
-                                  "use guidance 1 (plain conditional)")
-        if w < 0:
-            raise ConfigError(f"guidance must be >= 0, got {w}")
-        inner = NetworkDenoiser(self.model, self.schedule, self.config.diffusion.prediction,
-                                clip_x0=False, autocast=self.precision.autocast)
-        return GuidedDenoiser(inner, self.num_classes, w, clip_x0=clip)
-
-
-def schedule_for(cfg: Config) -> Schedule:
-    return Schedule.make(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-
-
-def load_run(run_dir: str | Path, ema: bool = True, device: str = "auto",
-             precision: str | None = None) -> LoadedRun:
-    """Load the latest checkpoint of a run directory; needs nothing but the directory.
-
-    Args:
-        run_dir: a directory written by `effusion train`.
-        ema: use the EMA weights (usually much better samples) instead of the raw ones.
-        device: auto | cpu | cuda | cuda:N.
-        precision: override the run's precision for inference (default: the run's).
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory not found: {run_dir}")
-    cfg = read_config(run_dir)
-    if cfg.model.arch != "unet":
-        what = "VAE" if cfg.model.arch == "vae" else f"{cfg.model.arch} classifier"
-        raise CheckpointError(f"{run_dir} is a {what} run, not a diffusion run; sample from a "
-                              "run made by `effusion train`")
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint yet (train it first)")
-    dev = resolve_device(device)
-    wanted = precision or cfg.train.precision
-    if precision is None and wanted != "fp32" and not (dev.type == "cuda" or bf16_supported(dev)):
-        wanted = "auto"  # the run's bf16/fp16 was chosen for the machine it trained on
-    prec = Precision(dev, resolve_precision(wanted, dev))
-    model = build_model(cfg)
-    load_weights(ckpt / ("ema.safetensors" if ema else "model.safetensors"), model)
-    model.to(dev).eval()
-    if cfg.train.channels_last:
-        model.to(memory_format=torch.channels_last)
-    step = int(ckpt.name.split("-")[1])
-    vae = None
-    if cfg.model.space == "latent":
-        from effusion.latent import load_vae
-
-        vae = load_vae(cfg.model.vae, dev)
-    return LoadedRun(run_dir, cfg, model, schedule_for(cfg), step, prec, vae)
+from effusion.config import ConfigError
+from effusion.data import to_uint8
+from effusion.diffusion import SAMPLERS, sample
+from effusion.runs import LoadedRun
 
 
 def class_labels(spec: str | int | list[int] | None, n: int, num_classes: int) -> torch.Tensor:

@@ -161,6 +161,10 @@ class BatchLoader:
     def index(self) -> int:
         return self._position["index"]
 
+    def epochs_done(self) -> float:
+        """Passes over the data so far, fractional (0.5 = half of the first epoch)."""
+        return self.epoch + self.index / len(self.stream.data)
+
     def state_dict(self) -> dict[str, int]:
         return {**self._position, "batches": self.batches}
 

@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from effusion.config import Config
+
 ScheduleName = Literal["linear", "cosine", "sigmoid"]
 MAX_BETA = 0.999  # Nichol & Dhariwal 2021 clip betas to avoid a singularity near t = T
 
@@ -95,3 +97,8 @@ class Schedule:
         """Sample x_t ~ q(x_t | x0) given the noise (Ho et al. 2020, eq. 4)."""
         ab = self.alpha_bar(t, x0.ndim).to(x0.device)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def schedule_for(cfg: Config) -> Schedule:
+    """The schedule a run's config names (`diffusion.schedule`, `diffusion.timesteps`)."""
+    return Schedule.make(cfg.diffusion.schedule, cfg.diffusion.timesteps)

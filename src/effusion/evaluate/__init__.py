@@ -2,10 +2,11 @@
 
 from effusion.evaluate.evaluate import (evaluate_images, evaluate_run, guidance_sweep,
                                         load_image_array, score)
-from effusion.evaluate.features import FeatureScorer, cache_dir, default_feature_classifier
+from effusion.evaluate.features import (FeatureScorer, NoFeatureClassifier, cache_dir,
+                                        default_feature_classifier)
 from effusion.evaluate.likelihood import bits_per_dim
 from effusion.evaluate.metrics import class_accuracy, coverage, fid, kid, precision_recall
 
 __all__ = ["FeatureScorer", "bits_per_dim", "cache_dir", "class_accuracy", "coverage",
-           "default_feature_classifier", "evaluate_images", "evaluate_run", "fid", "guidance_sweep", "kid",
+           "NoFeatureClassifier", "default_feature_classifier", "evaluate_images", "evaluate_run", "fid", "guidance_sweep", "kid",
            "load_image_array", "precision_recall", "score"]

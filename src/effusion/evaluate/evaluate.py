@@ -6,7 +6,6 @@ the real set, which is what a perfect generator would get at this sample size.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,12 +14,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from effusion.classify import load_classifier
 from effusion.config import ConfigError, DataConfig
 from effusion.data import DataError, load_source, split, to_model_range
 from effusion.evaluate.features import FeatureScorer
 from effusion.evaluate.likelihood import bits_per_dim
 from effusion.evaluate.metrics import class_accuracy, coverage, fid, kid, precision_recall
+from effusion.plots import figure
+from effusion.runs import LoadedClassifier, LoadedRun, load_classifier, load_run, write_json
+from effusion.sampling import class_labels, generate
+
+# A feature classifier: a run directory, one already loaded, or None for the cached default.
+Features = str | Path | LoadedClassifier | None
 
 
 def score(scorer: FeatureScorer, images: torch.Tensor, requested: torch.Tensor | None = None,
@@ -52,34 +56,33 @@ def real_floor(scorer: FeatureScorer, n: int, seed: int = 1) -> dict[str, float]
                             reference=scorer.real_features[rest])}
 
 
-def _scorer(data: DataConfig, features: str | Path | None, progress: bool) -> FeatureScorer:
-    clf = load_classifier(features) if features is not None else None
+def _scorer(data: DataConfig, features: Features) -> FeatureScorer:
+    clf = load_classifier(features) if isinstance(features, (str, Path)) else features
     if clf is not None:
         want = (data.channels, data.image_size)
         have = (clf.config.data.channels, clf.config.data.image_size)
         if want != have:
-            raise ConfigError(f"feature classifier {features} takes {have[0]}-channel "
+            raise ConfigError(f"feature classifier {clf.run_dir} takes {have[0]}-channel "
                               f"{have[1]}px images; these are {want[0]}-channel {want[1]}px")
-    return FeatureScorer.for_data(data, clf, progress=progress)
+    return FeatureScorer.for_data(data, clf)
 
 
 def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int = 123,
-                 features: str | Path | None = None,
-                 bpd_n: int = 256, bpd_strata: int = 50, ema: bool = True,
-                 device: str = "auto", progress: bool = False) -> dict[str, Any]:
+                 features: Features = None, bpd_n: int = 256, bpd_strata: int = 50,
+                 ema: bool = True, device: str = "auto") -> dict[str, Any]:
     """Sample `n` images from a run, score them, and write `RUN/metrics.json`.
 
     Class-conditional runs are asked for an even spread of classes and also get
     `class_accuracy`. Bits/dim is estimated on up to `bpd_n` images of the run's held-out
     split (its training images if it has none: `bpd_split` says which); 0 skips it.
+    `features`: see `Features`; the cached default must exist (`effusion evaluate` trains
+    it once; from Python, `effusion.recipes.feature_classifier(data)`).
     """
-    from effusion.sampling import load_run
-
     run_dir = Path(run_dir)
     run = load_run(run_dir, ema=ema, device=device)
     cfg = run.config
-    scorer = _scorer(cfg.data, features, progress)
+    scorer = _scorer(cfg.data, features)
     result: dict[str, Any] = {
         "run": str(run_dir), "step": run.step, "n": n, "seed": seed, "ema": ema,
         "sampler": sampler or cfg.sample.sampler, "steps": steps,
@@ -91,14 +94,12 @@ def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = No
     elif bpd_n:
         result.update(_bpd(run, bpd_n, bpd_strata, seed))
     result["real_floor"] = real_floor(scorer, n)
-    _write_json(run_dir / "metrics.json", result)
+    write_json(run_dir / "metrics.json", result)
     return result
 
 
-def _sample_and_score(run, scorer: FeatureScorer, n: int, sampler: str | None,
+def _sample_and_score(run: LoadedRun, scorer: FeatureScorer, n: int, sampler: str | None,
                       steps: int | None, guidance: float | None, seed: int) -> dict[str, Any]:
-    from effusion.sampling import class_labels, generate
-
     requested = class_labels(None, n, run.num_classes) if run.num_classes else None
     t0 = time.perf_counter()
     images = generate(run, n, sampler=sampler, steps=steps, seed=seed, cond=requested,
@@ -110,12 +111,10 @@ def _sample_and_score(run, scorer: FeatureScorer, n: int, sampler: str | None,
 
 def guidance_sweep(run_dir: str | Path, weights: list[float], n: int = 1000, *,
                    sampler: str | None = None, steps: int | None = None, seed: int = 123,
-                   features: str | Path | None = None, ema: bool = True, device: str = "auto",
+                   features: Features = None, ema: bool = True, device: str = "auto",
                    progress: bool = False) -> dict[str, Any]:
     """Score a class-conditional run at each guidance weight (same seeds, same classes);
     writes `RUN/guidance_sweep.json` and a PNG of class accuracy, FID and coverage vs w."""
-    from effusion.sampling import load_run
-
     run_dir = Path(run_dir)
     run = load_run(run_dir, ema=ema, device=device)
     if not run.num_classes:
@@ -123,7 +122,7 @@ def guidance_sweep(run_dir: str | Path, weights: list[float], n: int = 1000, *,
                           "model.num_classes = 0")
     if not weights or any(w < 0 for w in weights):
         raise ConfigError(f"guidance weights must be >= 0, got {weights}")
-    scorer = _scorer(run.config.data, features, progress)
+    scorer = _scorer(run.config.data, features)
     rows = []
     for w in weights:
         rows.append(_sample_and_score(run, scorer, n, sampler, steps, w, seed))
@@ -135,34 +134,26 @@ def guidance_sweep(run_dir: str | Path, weights: list[float], n: int = 1000, *,
               "sampler": sampler or run.config.sample.sampler, "steps": steps,
               "features": str(scorer.classifier.run_dir), "sweep": rows,
               "real_floor": real_floor(scorer, n)}
-    _write_json(run_dir / "guidance_sweep.json", result)
+    write_json(run_dir / "guidance_sweep.json", result)
     _plot_sweep(result, run_dir / "guidance_sweep.png")
     return result
 
 
 def _plot_sweep(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     w = [r["guidance"] for r in result["sweep"]]
     floor = result["real_floor"]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, key, label in zip(axes, ["class_accuracy", "fid", "coverage"],
-                              ["class accuracy", "FID", "coverage"]):
-        ax.plot(w, [r[key] for r in result["sweep"]], marker="o", label="samples")
-        ax.axhline(floor[key], color="gray", linestyle="--", label="real floor")
-        ax.set(xlabel="guidance weight w", title=label)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"{result['run']} (step {result['step']}, {result['n']} samples)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, ncols=3, figsize=(11, 3.2)) as (fig, axes):
+        for ax, key, label in zip(axes, ["class_accuracy", "fid", "coverage"],
+                                  ["class accuracy", "FID", "coverage"]):
+            ax.plot(w, [r[key] for r in result["sweep"]], marker="o", label="samples")
+            ax.axhline(floor[key], color="gray", linestyle="--", label="real floor")
+            ax.set(xlabel="guidance weight w", title=label)
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.suptitle(f"{result['run']} (step {result['step']}, {result['n']} samples)", fontsize=9)
 
 
-def _bpd(run, bpd_n: int, strata: int, seed: int) -> dict[str, Any]:
+def _bpd(run: LoadedRun, bpd_n: int, strata: int, seed: int) -> dict[str, Any]:
     cfg = run.config
     train_set, val_set = split(load_source(replace(cfg.data, hflip=False, rotate=0.0,
                                                    translate=0)), cfg.data.val_fraction)
@@ -207,8 +198,8 @@ def load_image_array(path: str | Path) -> torch.Tensor:
 
 
 def evaluate_images(images: torch.Tensor | str | Path, data: str | DataConfig = "mnist5k", *,
-                    features: str | Path | None = None, labels: torch.Tensor | None = None,
-                    progress: bool = False, out: str | Path | None = None) -> dict[str, Any]:
+                    features: Features = None, labels: torch.Tensor | None = None,
+                    out: str | Path | None = None) -> dict[str, Any]:
     """Score any uint8 images (N, C, H, W), or a .npy path, against a data source, so other
     tools' samples are measured on the same footing. `labels`: requested classes, if any."""
     if not isinstance(images, torch.Tensor):
@@ -218,17 +209,10 @@ def evaluate_images(images: torch.Tensor | str | Path, data: str | DataConfig = 
     if isinstance(data, str):
         data = DataConfig(source=data)
     data = replace(data, image_size=images.shape[-1], channels=images.shape[1])
-    scorer = _scorer(data, features, progress)
+    scorer = _scorer(data, features)
     result = {"n": len(images), "data": data.source,
               "features": str(scorer.classifier.run_dir), **score(scorer, images, labels),
               "real_floor": real_floor(scorer, len(images))}
     if out is not None:
-        _write_json(Path(out), result)
+        write_json(Path(out), result)
     return result
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)

@@ -2,9 +2,11 @@
 
 No Inception weights can be downloaded here, so FID & co. use the penultimate layer of a
 classifier trained on the same data domain (the `cnn` recipe of `effusion classifier
-train`). Without `--features`, the default one for a data config is trained once and
-cached under `$EFFUSION_CACHE` (default `$XDG_CACHE_HOME/effusion`, else
-`~/.cache/effusion`), in `features/<source>-<size>px-<channels>ch-v1/`.
+train`). Without `--features`, the default one for a data config lives under
+`$EFFUSION_CACHE` (default `$XDG_CACHE_HOME/effusion`, else `~/.cache/effusion`), in
+`features/<source>-<size>px-<channels>ch-v1/`. This module only loads it: training it is
+an explicit step (`effusion.recipes.feature_classifier`), which `effusion evaluate` takes
+once, and says so, when the cache is empty.
 
 Figures are comparable only between scores that used the same feature classifier; every
 result records which one it used.
@@ -20,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-from effusion.classify import LoadedClassifier, classifier_config, load_classifier
 from effusion.config import DataConfig
 from effusion.data import load_source
 from effusion.evaluate.metrics import fid
-from effusion.train.checkpoint import latest_checkpoint
+from effusion.runs import CheckpointError, LoadedClassifier, latest_checkpoint, load_classifier
 
-RECIPE_VERSION = "v1"  # bump when CLASSIFIER_DEFAULTS change, so old caches are not reused
+RECIPE_VERSION = "v1"  # bump when the classifier recipe changes, so old caches are not reused
 
 
 def cache_dir() -> Path:
@@ -57,19 +58,18 @@ def feature_arch(data: DataConfig) -> str:
     return "cnn" if data.channels == 1 else "convnet"
 
 
-def default_feature_classifier(data: DataConfig, progress: bool = False) -> LoadedClassifier:
-    """Load the cached feature classifier for `data`, training it first if there is none."""
+class NoFeatureClassifier(CheckpointError):
+    """The cached default feature classifier for a data config has not been trained."""
+
+
+def default_feature_classifier(data: DataConfig) -> LoadedClassifier:
+    """The cached feature classifier for `data`; NoFeatureClassifier if not trained yet."""
     run = feature_run_dir(data)
     if latest_checkpoint(run) is None:
-        from effusion.train.loop import train
-
-        cfg = classifier_config([f"model.arch={feature_arch(data)}",
-                                 f"data.source={data.source}",
-                                 f"data.image_size={data.image_size}",
-                                 f"data.channels={data.channels}"])
-        print(f"effusion: training the feature classifier for {data.source} "
-              f"(once; cached in {run})")
-        train(cfg, run, fresh=True, progress=progress)
+        raise NoFeatureClassifier(
+            f"no feature classifier for {data.source} at {data.image_size}px yet (looked in "
+            f"{run}); `effusion evaluate` trains it once, or call "
+            "effusion.recipes.feature_classifier(data) first, or pass features=RUN_DIR")
     return load_classifier(run)
 
 
@@ -83,11 +83,12 @@ class FeatureScorer:
     real_features: torch.Tensor  # float64 (N, D)
 
     @classmethod
-    def for_data(cls, data: DataConfig, classifier: LoadedClassifier | None = None,
-                 progress: bool = False) -> "FeatureScorer":
-        """Reference = every image of the source (augmentations off, no limit)."""
+    def for_data(cls, data: DataConfig, classifier: LoadedClassifier | None = None
+                 ) -> "FeatureScorer":
+        """Reference = every image of the source (augmentations off, no limit); the
+        classifier defaults to the cached one for the data."""
         clean = replace(data, limit=0, hflip=False, rotate=0.0, translate=0)
-        clf = classifier or default_feature_classifier(clean, progress=progress)
+        clf = classifier or default_feature_classifier(clean)
         real = load_source(clean)
         feats, _ = clf.predict(real.images)
         return cls(clf, real.images, real.labels, feats)

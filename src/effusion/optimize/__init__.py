@@ -1,1 +1,1 @@
-"""Optimization passes over trained runs; each writes a new run directory and a report."""
+"""Optimization passes: each reads a finished run and writes a new run directory."""

@@ -1,4 +1,7 @@
-"""Metrics for machines (metrics.jsonl), for people (TensorBoard), only from rank 0."""
+"""Metrics for machines (`metrics.jsonl`) and for people (TensorBoard scalars and images).
+
+`effusion.runs.read_metrics` reads the JSON Lines back.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +12,15 @@ from typing import Any
 
 import torch
 
+from effusion.runs.files import METRICS
+
 
 class MetricsLogger:
     """Append-only JSON Lines log plus TensorBoard scalars and images."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.path = run_dir / METRICS
         self._tb = None
-        if not enabled:
-            return
         if resume_step is not None and self.path.is_file():
             # Drop lines written after the checkpoint we resume from: they will be redone.
             lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
@@ -35,8 +37,6 @@ class MetricsLogger:
             self._tb = None
 
     def log(self, step: int, values: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in values.items()}
         self._file.write(json.dumps({"step": step, **clean}) + "\n")
@@ -48,18 +48,10 @@ class MetricsLogger:
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """uint8 (C, H, W) image to TensorBoard."""
-        if self.enabled and self._tb is not None:
+        if self._tb is not None:
             self._tb.add_image(tag, image, step)
 
     def close(self) -> None:
-        if self.enabled:
-            self._file.close()
-            if self._tb is not None:
-                self._tb.close()
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()

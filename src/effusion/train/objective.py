@@ -8,7 +8,7 @@ import torch
 
 from effusion.config import DiffusionConfig
 from effusion.diffusion import Schedule, loss_weight, target
-from effusion.train.precision import Precision
+from effusion.precision import Precision
 
 
 def diffusion_loss(forward: Callable[..., torch.Tensor], x0: torch.Tensor,

@@ -64,12 +64,9 @@ def _adamw8bit(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's learning rate (in place where it is a tensor, as torchao keeps it)."""
+    """Set every group's learning rate."""
     for group in opt.param_groups:
-        if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
+        group["lr"] = lr
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:

@@ -1,4 +1,12 @@
-"""Run directories and checkpoints: safetensors for tensors, JSON for everything else.
+"""The run-directory format, read and written in one place: config (with the lineage of
+an optimized variant), checkpoints, metrics. Safetensors for tensors, JSON or YAML for
+everything else; every file is written to a temporary name and renamed into place.
+
+    RUN/config.yaml            the full resolved config (+ `lineage:` for a derived run)
+    RUN/metrics.jsonl          one JSON object per logged step
+    RUN/vae.json               a finished VAE: latent scale factor, PSNR, latent shape
+    RUN/quantized.safetensors  an int8 classifier written by `effusion classifier quantize`
+    RUN/report.json            what an optimization pass changed, measured
 
 Layout of a checkpoint (written to `step-NNNNNNN.tmp/`, then renamed, so a crash never
 leaves a half-written checkpoint where resume would find it):
@@ -27,28 +35,91 @@ from safetensors.torch import load_file, save_file
 from effusion.config import Config, ConfigError, config_from_dict
 
 CKPT_DIR = "checkpoints"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+VAE_INFO = "vae.json"
+QUANTIZED_WEIGHTS = "quantized.safetensors"
+REPORT = "report.json"
 
 
 class CheckpointError(ConfigError):
     """A run directory or checkpoint that cannot be used (missing, corrupt, mismatched)."""
 
 
-def write_config(run_dir: Path, cfg: Config) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "config.yaml", cfg.to_yaml())
-
-
-def read_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-    return config_from_dict(yaml.safe_load(path.read_text()))
-
-
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file and a rename, so a reader (or a crash)
+    never sees half a file; creates the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write(path, json.dumps(obj, indent=1))
+
+
+def write_config(run_dir: Path, cfg: Config, lineage: list[dict[str, Any]] | None = None) -> None:
+    """The run's resolved config; a derived run (distilled, pruned, quantized...) also records
+    its lineage: the base run and each pass with its settings, oldest first."""
+    text = cfg.to_yaml()
+    if lineage:
+        text += yaml.safe_dump({"lineage": lineage}, sort_keys=False)
+    atomic_write(Path(run_dir) / CONFIG, text)
+
+
+def _read_config_yaml(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"run directory not found: {run_dir}")
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no {CONFIG})")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path} is not readable YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} does not hold a config mapping")
+    return d
+
+
+def read_config(run_dir: str | Path) -> Config:
+    d = _read_config_yaml(run_dir)
+    d.pop("lineage", None)
+    try:
+        return config_from_dict(d)
+    except ConfigError as e:
+        raise CheckpointError(f"{Path(run_dir) / CONFIG}: {e}") from None
+
+
+def read_lineage(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The passes that made this run from another ([] for a trained run)."""
+    lineage = _read_config_yaml(run_dir).get("lineage") or []
+    if not isinstance(lineage, list):
+        raise CheckpointError(f"{Path(run_dir) / CONFIG}: lineage must be a list of passes")
+    return lineage
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a checkpoint directory (or a sample grid) named `step-NNNNNNN[.ext]`."""
+    name = Path(path).name.split(".")[0]
+    try:
+        return int(name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        raise CheckpointError(f"{path} is not named step-NNNNNNN") from None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -103,22 +174,23 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module,
-                    ema: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+def save_checkpoint(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor],
+                    ema: dict[str, torch.Tensor], optimizer: dict[str, Any],
                     rng: dict[str, torch.Tensor], state: dict[str, Any], keep: int) -> Path:
-    """Write a checkpoint atomically and delete all but the newest `keep`."""
+    """Write a checkpoint atomically and delete all but the newest `keep`. `model`, `ema`
+    and `optimizer` are state_dicts."""
     root = Path(run_dir) / CKPT_DIR
-    final = root / f"step-{step:07d}"
-    tmp = root / f"step-{step:07d}.tmp"
+    final = root / checkpoint_name(step)
+    tmp = root / (checkpoint_name(step) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
     def cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
-    save_file(cpu(model.state_dict()), tmp / "model.safetensors")
+    save_file(cpu(model), tmp / "model.safetensors")
     save_file(cpu(ema), tmp / "ema.safetensors")
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file(cpu(rng), tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta},
@@ -130,12 +202,23 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module,
     return final
 
 
-def load_weights(path: Path, model: torch.nn.Module) -> None:
-    """Load a safetensors state dict into `model`, with a clear error on mismatch."""
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing or truncated file is a CheckpointError."""
     try:
-        sd = load_file(str(path))
+        return load_file(str(path))
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot read weights {path}: {e}") from None
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load a safetensors state dict into `model`, with a clear error on mismatch."""
+    sd = read_tensors(path)
+    check_weights(sd, model, path)
+    model.load_state_dict(sd)
+
+
+def check_weights(sd: dict[str, torch.Tensor], model: torch.nn.Module, path: Path) -> None:
+    """Raise a CheckpointError naming what differs if `sd` does not fit `model`."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -152,7 +235,6 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
                           f"{tuple(sd[k].shape)} vs model {tuple(own[k].shape)})")
         raise CheckpointError(f"checkpoint {path} does not match this model: " + "; ".join(detail)
                               + ". Was it written by a run with a different model config?")
-    model.load_state_dict(sd)
 
 
 def load_checkpoint_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any],

@@ -1,0 +1,110 @@
+"""Everything a training run carries from step to step, saved and restored as one object.
+
+`TrainState.state_dict()` is exactly what a checkpoint holds (see `effusion.runs.files`
+for the layout), so resuming is `load_state_dict` of what `state_dict` wrote: the same
+weights, EMA, optimizer moments, loss scale, RNG streams and data position, and the run
+continues as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from effusion.config import Config
+from effusion.data import BatchLoader, BatchStream, ImageSet
+from effusion.precision import Precision
+from effusion.runs.files import check_weights, load_checkpoint_state, read_tensors, save_checkpoint
+from effusion.train.ema import EMA
+from effusion.train.optim import build_optimizer
+from effusion.train.switches import apply_switches
+
+
+@dataclass
+class TrainState:
+    model: nn.Module  # the weights that are trained, saved and averaged
+    net: Any  # what the loss calls: the model, or its torch.compile wrapper
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: BatchLoader
+    generator: torch.Generator  # timesteps, noise, label dropout
+    device: torch.device
+    mem_format: torch.memory_format
+    switch_notes: list[str] = field(default_factory=list)
+    step: int = 0
+    images_seen: int = 0
+    elapsed_s: float = 0.0
+    skipped_steps: int = 0
+
+    @classmethod
+    def create(cls, cfg: Config, build_model: Callable[[], nn.Module], train_set: ImageSet,
+               prec: Precision) -> "TrainState":
+        """Fresh state: the model built under the run's seed, with the efficiency switches,
+        its EMA, the optimizer, the loss scaler and a resumable batch loader."""
+        tc, device = cfg.train, prec.device
+        loader = BatchLoader(BatchStream(train_set, tc.batch_size, tc.seed), cfg.data, tc.seed,
+                             tc.workers, tc.prefetch, pin=tc.pin_memory and device.type == "cuda")
+        torch.manual_seed(tc.seed)  # parameter init and dropout
+        model = build_model().to(device)
+        net, mem_format, notes = apply_switches(model, tc)
+        return cls(model=model, net=net, ema=EMA(model, tc.ema_decay, tc.ema_warmup),
+                   optimizer=build_optimizer(model, tc), scaler=prec.make_scaler(),
+                   loader=loader, generator=torch.Generator().manual_seed(tc.seed + 1),
+                   device=device, mem_format=mem_format, switch_notes=notes)
+
+    # ------------------------------------------------------------------ round trip
+
+    def state_dict(self, task_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Tensors by file (model, ema, optimizer, rng) plus a JSON-able `state`."""
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {"images_seen": self.images_seen, "elapsed_s": self.elapsed_s,
+                 "skipped_steps": self.skipped_steps, "ema_updates": self.ema.updates,
+                 "data": self.loader.state_dict(), "task": task_state or {}}
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "rng": rng,
+                "state": {**state, "step": self.step}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """Restore everything `state_dict` returned; gives back the task's own state."""
+        state, rng = sd["state"], sd["rng"]
+        self.model.load_state_dict(sd["model"])
+        self.ema.load_state_dict(sd["ema"], state["ema_updates"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.loader.load_state_dict(state["data"])
+        self.step, self.images_seen = state["step"], state["images_seen"]
+        self.elapsed_s, self.skipped_steps = state["elapsed_s"], state["skipped_steps"]
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        return state.get("task", {})
+
+    def save(self, run_dir: Path, keep: int, task_state: dict[str, Any] | None = None) -> Path:
+        sd = self.state_dict(task_state)
+        state = dict(sd["state"])
+        step = state.pop("step")
+        return save_checkpoint(run_dir, step, model=sd["model"], ema=sd["ema"],
+                               optimizer=sd["optimizer"], rng=sd["rng"], state=state, keep=keep)
+
+    def restore(self, ckpt: Path) -> dict[str, Any]:
+        """Load a checkpoint directory; mismatched or corrupt files are CheckpointErrors
+        (checked before anything is changed). Returns the task's own state."""
+        weights = {}
+        for name, module in (("model", self.model), ("ema", self.ema.model)):
+            path = ckpt / f"{name}.safetensors"
+            weights[name] = read_tensors(path)
+            check_weights(weights[name], module, path)
+        state, opt_state, rng = load_checkpoint_state(ckpt)
+        return self.load_state_dict({**weights, "optimizer": opt_state, "rng": rng,
+                                     "state": state})

@@ -68,7 +68,7 @@ def train(
         from effusion.runs import load_vae
 
         load_vae(vae)  # fail now, with a clear message, if it is not a finished VAE run
-        set_ = [f"model.space=latent", f"model.vae={vae.resolve()}"] + list(set_)
+        set_ = ["model.space=latent", f"model.vae={vae.resolve()}"] + list(set_)
     cfg = _resumed_config(run, set_) if resume else load_config(config, set_)
     result = train_fn(cfg, run, resume=resume, fresh=fresh, progress=not quiet)
     typer.echo(f"trained {result.step} steps ({result.images_seen} images) in "
@@ -93,6 +93,7 @@ def sample(
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 | auto (default: the run's)."),
     classes: Optional[str] = typer.Option(None, "--class", help="Class-conditional runs: a class, a comma list, or all (default all, evenly)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance weight (0 = unconditional, 1 = conditional; default: the run's)."),
+    cache_interval: Optional[int] = typer.Option(None, "--cache-interval", help="DeepCache: a full U-Net pass every N network calls, the shallow branch in between (1 = off; default: the run's sample.cache_interval)."),
 ) -> None:
     """Draw samples from a trained run and save them as a PNG grid (and .npy)."""
     import time
@@ -107,7 +108,7 @@ def sample(
     cond = class_labels(classes, n, loaded.num_classes) if loaded.num_classes else None
     t0 = time.perf_counter()
     images = generate(loaded, n, sampler=sampler, steps=steps, seed=seed, eta=eta, cond=cond,
-                      guidance=guidance)
+                      guidance=guidance, cache_interval=cache_interval)
     dt = time.perf_counter() - t0
     out = out or run / "samples.png"
     nrow = 10 if n % 10 == 0 and n >= 50 else None
@@ -233,6 +234,7 @@ def evaluate(
     sampler: Optional[str] = typer.Option(None, "--sampler"),
     steps: Optional[int] = typer.Option(None, "--steps"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Class-conditional runs: guidance weight (default: the run's)."),
+    cache_interval: Optional[int] = typer.Option(None, "--cache-interval", help="DeepCache interval for the samples (1 = off; default: the run's)."),
     guidance_sweep: Optional[str] = typer.Option(None, "--guidance-sweep", help="Class-conditional runs: score each weight of a comma list, e.g. 0,1,2,3,5."),
     seed: int = typer.Option(123, "--seed"),
     features: Optional[Path] = typer.Option(None, "--features", help="Classifier run for features (default: cached, trained once)."),
@@ -260,7 +262,7 @@ def evaluate(
                                device, as_json)
     if run is not None:
         r = evaluate_run(run, n, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
-                         features=clf, bpd_n=bpd_n, bpd_strata=bpd_strata, ema=ema,
+                         cache_interval=cache_interval, features=clf, bpd_n=bpd_n, bpd_strata=bpd_strata, ema=ema,
                          device=device)
     else:
         r = evaluate_images(arr, data, features=clf)
@@ -319,6 +321,34 @@ def _guidance_sweep(run: Optional[Path], spec: str, n: int, sampler: Optional[st
         typer.echo(f"| {x['guidance']} | {x['class_accuracy']:.4f} | {x['fid']:.2f} | "
                    f"{x['kid']:.1f} | {x['precision']:.3f} | {x['recall']:.3f} | {x['coverage']:.4f} |")
     typer.echo(f"wrote {run / 'guidance_sweep.json'} and {run / 'guidance_sweep.png'}")
+
+
+optimize_app = typer.Typer(no_args_is_help=True, help="Make a trained diffusion run cheaper to "
+                           "sample; each pass writes a new run directory.")
+app.add_typer(optimize_app, name="optimize")
+
+
+@optimize_app.command("export")
+@user_errors
+def optimize_export(
+    run: Path = typer.Option(..., "--run", help="Diffusion run directory."),
+    out: Path = typer.Option(..., "--out", help="New run directory for the exported model."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (run by ONNX Runtime)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Export the U-Net (EMA weights, fp32) and check it against the eager model; `sample`
+    and `evaluate` take the new run directory like any other."""
+    from effusion.optimize.export import export_run
+
+    r = export_run(run, out, fmt)
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    typer.echo(f"exported {run} -> {out / 'model.onnx'} ({r['bytes']:,} bytes); max abs "
+               f"difference to eager fp32: {r['max_abs_diff_fp32']:.2e}")
+    typer.echo("| batch | eager fp32 ms | ONNX Runtime ms | speedup |\n|---|---|---|---|")
+    for b, v in r["latency_ms"].items():
+        typer.echo(f"| {b} | {v['eager_fp32']:.1f} | {v['onnxruntime']:.1f} | {v['speedup']:.2f}x |")
 
 
 vae_app = typer.Typer(no_args_is_help=True, help="The autoencoder of latent diffusion.")

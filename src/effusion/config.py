@@ -122,6 +122,10 @@ class SampleConfig:
     spacing: Literal["linspace", "leading", "trailing"] = "trailing"
     clip_x0: bool = True  # clamp the denoised estimate to [-1, 1] (pixel space)
     guidance: float = 1.5  # class-conditional runs: classifier-free guidance weight (0 = unconditional)
+    # DeepCache: recompute the U-Net's deep features every N network calls, reuse them in
+    # between (1 = off); `cache_depth` = how many encoder blocks the cheap calls still run.
+    cache_interval: int = 1
+    cache_depth: int = 1
 
 
 @dataclass
@@ -300,6 +304,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.eval_every >= 0, "train.eval_every must be >= 0 (0 = off)"),
         (cfg.train.eval_n >= 2, "train.eval_n must be >= 2"),
         (cfg.sample.steps >= 1, "sample.steps must be >= 1"),
+        (cfg.sample.cache_interval >= 1, "sample.cache_interval must be >= 1 (1 = no caching)"),
+        (cfg.sample.cache_depth >= 1, "sample.cache_depth must be >= 1"),
         (cfg.sample.eta >= 0, "sample.eta must be >= 0"),
         (cfg.vae.latent_channels >= 1, "vae.latent_channels must be >= 1"),
         (cfg.vae.downsample >= 1 and cfg.vae.downsample & (cfg.vae.downsample - 1) == 0,

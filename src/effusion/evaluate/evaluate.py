@@ -69,7 +69,8 @@ def _scorer(data: DataConfig, features: Features) -> FeatureScorer:
 
 def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int = 123,
-                 features: Features = None, bpd_n: int = 256, bpd_strata: int = 50,
+                 cache_interval: int | None = None, features: Features = None,
+                 bpd_n: int = 256, bpd_strata: int = 50,
                  ema: bool = True, device: str = "auto") -> dict[str, Any]:
     """Sample `n` images from a run, score them, and write `RUN/metrics.json`.
 
@@ -86,8 +87,9 @@ def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = No
     result: dict[str, Any] = {
         "run": str(run_dir), "step": run.step, "n": n, "seed": seed, "ema": ema,
         "sampler": sampler or cfg.sample.sampler, "steps": steps,
+        "cache_interval": cfg.sample.cache_interval if cache_interval is None else cache_interval,
         "features": str(scorer.classifier.run_dir),
-        **_sample_and_score(run, scorer, n, sampler, steps, guidance, seed)}
+        **_sample_and_score(run, scorer, n, sampler, steps, guidance, seed, cache_interval)}
     if bpd_n and run.vae is not None:
         result["bpd_note"] = ("not computed: bits/dim is a pixel-space likelihood, and this "
                               "run models VAE latents")
@@ -99,11 +101,12 @@ def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = No
 
 
 def _sample_and_score(run: LoadedRun, scorer: FeatureScorer, n: int, sampler: str | None,
-                      steps: int | None, guidance: float | None, seed: int) -> dict[str, Any]:
+                      steps: int | None, guidance: float | None, seed: int,
+                      cache_interval: int | None = None) -> dict[str, Any]:
     requested = class_labels(None, n, run.num_classes) if run.num_classes else None
     t0 = time.perf_counter()
     images = generate(run, n, sampler=sampler, steps=steps, seed=seed, cond=requested,
-                      guidance=guidance)
+                      guidance=guidance, cache_interval=cache_interval)
     w = (run.config.sample.guidance if guidance is None else guidance) if run.num_classes else None
     return {"guidance": w, "sample_seconds": round(time.perf_counter() - t0, 2),
             **score(scorer, images, requested)}

@@ -128,6 +128,24 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_split(x, t, cond)[0]
+
+    @property
+    def num_skips(self) -> int:
+        """Skip tensors the encoder hands the decoder (conv_in's output and each down block's)."""
+        return 1 + len(self.down)
+
+    def forward_split(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                      depth: int | None = None, deep: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward pass, optionally split at skip `depth` for feature caching.
+
+        With `depth` and no `deep`: the full pass, also returning the decoder's input to the
+        block that consumes skip `depth` (the deep feature). With `deep` too: only the
+        shallow branch runs (conv_in, the first `depth` encoder blocks, the decoder from that
+        block on), taking the deep feature from an earlier call (DeepCache, Ma et al. 2024,
+        sec. 3.2). Without `depth` it is the plain forward pass (returns (out, None)).
+        """
         emb = self.time_mlp(timestep_embedding(t, self.cfg.channels).to(x.dtype))  # (B, 4ch)
         if self.class_emb is not None:
             if cond is None:
@@ -136,19 +154,38 @@ class UNet(nn.Module):
         elif cond is not None:
             raise ValueError("this model has no class embedding (model.num_classes = 0) "
                              "but class labels were given")
+        if depth is not None and not 1 <= depth < self.num_skips:
+            raise ValueError(f"cache depth must be between 1 and {self.num_skips - 1}, got {depth}")
         run = self._runner()
         h = self.conv_in(x)
         hs = [h]  # the skips are kept in every mode: the decoder needs them
-        for block in self.down:
+        for block in self.down if deep is None else self.down[:depth]:
             h = run(block, h, emb)
             hs.append(h)
-        h = run(self.mid, h, emb)
-        for block in self.up:
+        captured = None
+        if deep is None:
+            h = run(self.mid, h, emb)
+            up = self.up
+        else:
+            h, up = deep, self.up[self._consumer_of(depth):]
+        for block in up:
             if isinstance(block, Upsample):
                 h = run(block, h, hs[-1].shape[-2:])
             else:
+                if depth is not None and deep is None and len(hs) - 1 == depth:
+                    captured = h  # the decoder's input at skip `depth`: what caching reuses
                 h = run(_cat_then, block, h, hs.pop(), emb)
-        return run(self._head, h)
+        return run(self._head, h), captured
+
+    def _consumer_of(self, depth: int) -> int:
+        """Index in `self.up` of the block that consumes skip `depth`."""
+        remaining = self.num_skips
+        for i, block in enumerate(self.up):
+            if not isinstance(block, Upsample):
+                remaining -= 1
+                if remaining == depth:
+                    return i
+        raise ValueError(f"no decoder block consumes skip {depth}")  # unreachable for valid depth
 
 
 def count_params(model: nn.Module) -> int:

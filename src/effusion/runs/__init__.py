@@ -45,9 +45,12 @@ def describe(run_dir: str | Path) -> RunInfo:
     cfg = read_config(run_dir)
     ckpts = list_checkpoints(run_dir)
     metrics = read_metrics(run_dir)
+    lineage = read_lineage(run_dir)
+    # a derived run without checkpoints (an export) is at its base run's step
+    step = checkpoint_step(ckpts[-1]) if ckpts else next(
+        (int(p["step"]) for p in reversed(lineage) if "step" in p), 0)
     return RunInfo(run_dir, cfg, kind_of(cfg), count_params(build_run_model(cfg)),
-                   [p.name for p in ckpts], checkpoint_step(ckpts[-1]) if ckpts else 0,
-                   read_lineage(run_dir), metrics[-1] if metrics else None)
+                   [p.name for p in ckpts], step, lineage, metrics[-1] if metrics else None)
 
 
 __all__ = ["CheckpointError", "Kind", "LoadedClassifier", "LoadedRun", "LoadedVAE", "RunInfo",

@@ -6,6 +6,7 @@ everything else; every file is written to a temporary name and renamed into plac
     RUN/metrics.jsonl          one JSON object per logged step
     RUN/vae.json               a finished VAE: latent scale factor, PSNR, latent shape
     RUN/quantized.safetensors  an int8 classifier written by `effusion classifier quantize`
+    RUN/model.onnx             an exported U-Net (`effusion optimize export`), instead of checkpoints
     RUN/report.json            what an optimization pass changed, measured
 
 Layout of a checkpoint (written to `step-NNNNNNN.tmp/`, then renamed, so a crash never
@@ -40,6 +41,7 @@ METRICS = "metrics.jsonl"
 VAE_INFO = "vae.json"
 QUANTIZED_WEIGHTS = "quantized.safetensors"
 REPORT = "report.json"
+ONNX_MODEL = "model.onnx"
 
 
 class CheckpointError(ConfigError):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -24,10 +24,12 @@ from effusion.config import Config, ConfigError, DataConfig
 from effusion.data import to_model_range
 from effusion.diffusion import GuidedDenoiser, NetworkDenoiser, Schedule, schedule_for
 from effusion.models import VAE, UNet, build_model, latent_size
+from effusion.models.cache import CachedUNet
+from effusion.models.exported import OnnxNetwork
 from effusion.models.quantized import from_quantized_tensors
 from effusion.precision import Precision, bf16_supported, resolve_device, resolve_precision
-from effusion.runs.files import (QUANTIZED_WEIGHTS, VAE_INFO, CheckpointError, checkpoint_step,
-                                  latest_checkpoint, load_weights, read_config,
+from effusion.runs.files import (ONNX_MODEL, QUANTIZED_WEIGHTS, VAE_INFO, CheckpointError,
+                                 checkpoint_step, latest_checkpoint, load_weights, read_config,
                                  read_lineage, read_tensors)
 
 Kind = Literal["diffusion", "vae", "classifier"]
@@ -156,7 +158,7 @@ class LoadedRun:
 
     run_dir: Path
     config: Config
-    model: UNet
+    model: UNet | OnnxNetwork
     schedule: Schedule
     step: int
     precision: Precision
@@ -167,13 +169,29 @@ class LoadedRun:
     def num_classes(self) -> int:
         return self.config.model.num_classes
 
-    def denoiser(self, clip_x0: bool | None = None,
-                 guidance: float | None = None) -> NetworkDenoiser | GuidedDenoiser:
+    def network(self, cache_interval: int | None = None, cache_depth: int | None = None
+                ) -> Callable[..., torch.Tensor]:
+        """The network callable `(x_t, t, cond) -> prediction`: the model itself, or with
+        DeepCache feature caching every `cache_interval` calls (default: the run's
+        `sample.cache_interval`; 1 = off)."""
+        sc = self.config.sample
+        interval = sc.cache_interval if cache_interval is None else cache_interval
+        if interval == 1:
+            return self.model
+        try:
+            return CachedUNet(self.model, interval, sc.cache_depth if cache_depth is None
+                              else cache_depth)
+        except ValueError as e:
+            raise ConfigError(f"--cache-interval: {e}") from None
+
+    def denoiser(self, clip_x0: bool | None = None, guidance: float | None = None,
+                 cache_interval: int | None = None) -> NetworkDenoiser | GuidedDenoiser:
         """The network as a Denoiser; class-conditional runs are wrapped in classifier-free
-        guidance with weight `guidance` (default: the run's `sample.guidance`)."""
+        guidance with weight `guidance` (default: the run's `sample.guidance`). A fresh
+        denoiser per call: a cached one keeps per-trajectory state."""
         clip = self.config.sample.clip_x0 if clip_x0 is None else clip_x0
         clip = clip and self.vae is None  # latents have no fixed range to clip to
-        net = self.model
+        net = self.network(cache_interval)
         if not self.num_classes:
             if guidance is not None:
                 raise ConfigError("guidance needs a class-conditional run (model.num_classes > 0)")
@@ -218,6 +236,8 @@ def load_run(run_dir: str | Path, ema: bool = True, device: str = "auto",
     """
     run_dir, cfg = _open(run_dir, "diffusion")
     lineage = read_lineage(run_dir)
+    if (run_dir / ONNX_MODEL).is_file():
+        return _load_exported(run_dir, cfg, lineage, device)
     ckpt = _latest(run_dir)
     prec = inference_precision(cfg, device, precision)
     vae = load_vae(cfg.model.vae, prec.device) if cfg.model.space == "latent" else None
@@ -228,6 +248,16 @@ def load_run(run_dir: str | Path, ema: bool = True, device: str = "auto",
         model.to(memory_format=torch.channels_last)
     return LoadedRun(run_dir, cfg, model, schedule_for(cfg), checkpoint_step(ckpt), prec, vae,
                      lineage)
+
+
+def _load_exported(run_dir: Path, cfg: Config, lineage: list[dict[str, Any]],
+                   device: str) -> LoadedRun:
+    """An exported run: the graph runs in fp32 in its engine (the base run's EMA weights)."""
+    dev = resolve_device(str(device))
+    vae = load_vae(cfg.model.vae, dev) if cfg.model.space == "latent" else None
+    step = next((int(p["step"]) for p in reversed(lineage) if "step" in p), 0)
+    return LoadedRun(run_dir, cfg, OnnxNetwork(run_dir / ONNX_MODEL, dev), schedule_for(cfg),
+                     step, Precision(dev, "fp32"), vae, lineage)
 
 
 # --------------------------------------------------------------------------- classifier

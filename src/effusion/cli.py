@@ -351,6 +351,32 @@ def optimize_export(
         typer.echo(f"| {b} | {v['eager_fp32']:.1f} | {v['onnxruntime']:.1f} | {v['speedup']:.2f}x |")
 
 
+@optimize_app.command("distill-guidance")
+@user_errors
+def optimize_distill_guidance(
+    run: Path = typer.Option(..., "--run", help="Class-conditional run trained with label dropout."),
+    out: Path = typer.Option(..., "--out", help="Run directory for the student."),
+    guidance_range: str = typer.Option("1,3", "--guidance-range", help="Weights the student learns, lo,hi."),
+    minutes: float = typer.Option(5.0, "--minutes", help="Training budget (wall time)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. train.lr=1e-4."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete the student's old checkpoints first."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Guidance distillation: a student that takes the guidance weight as an input and
+    gives the guided prediction in one network call instead of two halves."""
+    from effusion.recipes import distill_guidance
+
+    try:
+        lo, hi = (float(v) for v in guidance_range.split(","))
+    except ValueError:
+        raise ConfigError(f"--guidance-range takes two numbers lo,hi, got {guidance_range!r}") from None
+    result = distill_guidance(run, out, guidance_range=(lo, hi), minutes=minutes, overrides=set_,
+                              resume=resume, fresh=fresh, progress=not quiet)
+    typer.echo(f"distilled {result.step} steps ({result.images_seen} images) in "
+               f"{result.minutes:.1f} min; last loss {result.loss:.5f}; student: {out}")
+
+
 vae_app = typer.Typer(no_args_is_help=True, help="The autoencoder of latent diffusion.")
 app.add_typer(vae_app, name="vae")
 

@@ -48,6 +48,9 @@ class ModelConfig:
     # count if it has labels, else 0 (unconditional). Runs record the resolved value.
     num_classes: int = -1
     norm_groups: int = 8
+    # A guidance-distilled student (Meng et al. 2023): the guidance weight w is an input,
+    # embedded like the timestep, so one call gives what guidance needs two halves for.
+    guidance_input: bool = False
 
 
 @dataclass

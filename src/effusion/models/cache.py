@@ -38,20 +38,20 @@ class CachedUNet:
         self._last_t: float | None = None
         self._since_full = 0
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor,
-                 cond: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                 w: torch.Tensor | None = None) -> torch.Tensor:
         if self.interval == 1:
             self.full_calls += 1
-            return self.unet(x, t, cond)
+            return self.unet(x, t, cond, w=w)
         t_now = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
         new_trajectory = (self._deep is None or self._last_t is None or t_now >= self._last_t
                           or self._deep.shape[0] != x.shape[0])
         self._last_t = t_now
         if new_trajectory or self._since_full >= self.interval - 1:
-            out, self._deep = self.unet.forward_split(x, t, cond, depth=self.depth)
+            out, self._deep = self.unet.forward_split(x, t, cond, depth=self.depth, w=w)
             self._since_full = 0
             self.full_calls += 1
             return out
         self._since_full += 1
         self.shallow_calls += 1
-        return self.unet.forward_split(x, t, cond, depth=self.depth, deep=self._deep)[0]
+        return self.unet.forward_split(x, t, cond, depth=self.depth, deep=self._deep, w=w)[0]

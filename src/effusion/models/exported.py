@@ -52,8 +52,8 @@ class OnnxNetwork:
     def eval(self) -> "OnnxNetwork":
         return self
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor,
-                 cond: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                 w: torch.Tensor | None = None) -> torch.Tensor:
         feeds = {"x": x.detach().float().cpu().numpy(),
                  "t": t.detach().to(torch.int64).cpu().numpy()}
         if "cond" in self.inputs:
@@ -62,5 +62,11 @@ class OnnxNetwork:
             feeds["cond"] = cond.detach().to(torch.int64).cpu().numpy()
         elif cond is not None:
             raise ValueError("this exported model has no class input but class labels were given")
+        if "w" in self.inputs:  # a guidance-distilled student
+            if w is None:
+                raise ValueError("this exported model takes the guidance weight: pass w")
+            feeds["w"] = torch.as_tensor(w, dtype=torch.float32).expand(x.shape[0]).cpu().numpy()
+        elif w is not None:
+            raise ValueError("this exported model has no guidance input")
         (out,) = self.session.run(["out"], feeds)
         return torch.from_numpy(np.asarray(out)).to(x.device)

@@ -76,6 +76,14 @@ class UNet(nn.Module):
         # Index num_classes is the null class ("no label"), used for unconditional samples and
         # for label dropout in classifier-free guidance training.
         self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
+        self.guidance_mlp = None
+        if cfg.guidance_input:
+            # Zero-initialised output: a student made from a teacher starts as its plain
+            # conditional prediction, whatever w is, and learns the guided one.
+            self.guidance_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(),
+                                              nn.Linear(emb_dim, emb_dim))
+            nn.init.zeros_(self.guidance_mlp[2].weight)
+            nn.init.zeros_(self.guidance_mlp[2].bias)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 
         def unit(cin: int, cout: int, res: int) -> EmbedSequential:
@@ -126,9 +134,9 @@ class UNet(nn.Module):
         extra = {"context_fn": _selective_context} if mode == "blocks" else {}
         return functools.partial(checkpoint, use_reentrant=False, **extra)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor,
-                cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_split(x, t, cond)[0]
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                w: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_split(x, t, cond, w=w)[0]
 
     @property
     def num_skips(self) -> int:
@@ -136,8 +144,8 @@ class UNet(nn.Module):
         return 1 + len(self.down)
 
     def forward_split(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-                      depth: int | None = None, deep: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      depth: int | None = None, deep: torch.Tensor | None = None,
+                      w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The forward pass, optionally split at skip `depth` for feature caching.
 
         With `depth` and no `deep`: the full pass, also returning the decoder's input to the
@@ -154,6 +162,14 @@ class UNet(nn.Module):
         elif cond is not None:
             raise ValueError("this model has no class embedding (model.num_classes = 0) "
                              "but class labels were given")
+        if self.guidance_mlp is not None:
+            if w is None:
+                raise ValueError("this model takes the guidance weight as input: pass w")
+            w = torch.as_tensor(w, dtype=torch.float32, device=x.device).expand(x.shape[0])
+            # w in [0, ~10]: scaled so the sinusoid's frequencies resolve tenths of a unit
+            emb = emb + self.guidance_mlp(timestep_embedding(100 * w, self.cfg.channels).to(x.dtype))
+        elif w is not None:
+            raise ValueError("this model has no guidance input (model.guidance_input = false)")
         if depth is not None and not 1 <= depth < self.num_skips:
             raise ValueError(f"cache depth must be between 1 and {self.num_skips - 1}, got {depth}")
         run = self._runner()

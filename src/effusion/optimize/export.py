@@ -28,14 +28,18 @@ from effusion.runs.files import ONNX_MODEL, REPORT
 
 
 class _Signature(nn.Module):
-    """The U-Net with the inputs the graph takes: (x, t) or (x, t, cond), all required."""
+    """The U-Net with the inputs the graph takes, all required: (x, t), (x, t, cond), or
+    (x, t, cond, w) for a guidance-distilled student."""
 
-    def __init__(self, unet: nn.Module, conditional: bool):
+    def __init__(self, unet: nn.Module, n_inputs: int):
         super().__init__()
-        self.unet, self.conditional = unet, conditional
+        self.unet, self.n_inputs = unet, n_inputs
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None):
-        return self.unet(x, t, cond if self.conditional else None)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                w: torch.Tensor | None = None):
+        if self.n_inputs == 4:
+            return self.unet(x, t, cond, w=w)
+        return self.unet(x, t, cond if self.n_inputs == 3 else None)
 
 
 def _example(run: LoadedRun, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -47,17 +51,20 @@ def _example(run: LoadedRun, batch: int, seed: int = 0) -> tuple[torch.Tensor, .
     t = torch.randint(0, run.schedule.T, (batch,), generator=g)
     if not run.num_classes:
         return x, t
-    return x, t, torch.randint(0, run.num_classes + 1, (batch,), generator=g)
+    cond = torch.randint(0, run.num_classes + 1, (batch,), generator=g)
+    if not run.config.model.guidance_input:
+        return x, t, cond
+    return x, t, cond, 1 + 3 * torch.rand(batch, generator=g)  # guidance weights
 
 
 def export_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> Path:
     """Export `model(x, t[, cond])` to ONNX with a dynamic batch dimension (opset 18)."""
     if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
         raise ConfigError(ONNX_HINT)  # the exporter needs both
-    names = ["x", "t", "cond"][:len(example)]
+    names = ["x", "t", "cond", "w"][:len(example)]
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic = {n: {0: batch} for n in names}
-    sig = _Signature(model, len(example) == 3).eval()
+    sig = _Signature(model, len(example)).eval()
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping ..."
@@ -102,8 +109,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
     write_config(out, src.config, lineage)  # a latent run's VAE stays eager (model.vae)
     net = OnnxNetwork(out / ONNX_MODEL)
     check = _example(src, 8, seed=1)
+    kw = {"w": check[3]} if len(check) == 4 else {}
     with torch.no_grad():
-        diff = (net(*check) - model(*check)).abs().max().item()
+        diff = (net(*check[:3], **kw) - model(*check[:3], **kw)).abs().max().item()
     report: dict[str, Any] = {"source": str(run_dir), "format": "onnx", "opset": 18,
                               "max_abs_diff_fp32": diff, "bytes": (out / ONNX_MODEL).stat().st_size,
                               "threads": torch.get_num_threads(), "latency_ms": {}}

@@ -192,6 +192,14 @@ class LoadedRun:
         clip = self.config.sample.clip_x0 if clip_x0 is None else clip_x0
         clip = clip and self.vae is None  # latents have no fixed range to clip to
         net = self.network(cache_interval)
+        if self.config.model.guidance_input:  # a guidance-distilled student: one call
+            w = self.config.sample.guidance if guidance is None else guidance
+            if w < 0:
+                raise ConfigError(f"guidance must be >= 0, got {w}")
+            w_in = torch.tensor(float(w))
+            return NetworkDenoiser(lambda x, t, c=None: net(x, t, c, w=w_in), self.schedule,
+                                   self.config.diffusion.prediction, clip_x0=clip,
+                                   autocast=self.precision.autocast)
         if not self.num_classes:
             if guidance is not None:
                 raise ConfigError("guidance needs a class-conditional run (model.num_classes > 0)")

@@ -209,8 +209,10 @@ def progress_of(state: TrainState, tc) -> float:
 # ------------------------------------------------------------------------ the run
 
 def train(cfg: Config, run_dir: str | Path, recipe: Recipe, *, resume: bool = False,
-          fresh: bool = False, progress: bool = True) -> TrainResult:
-    """Train what `recipe` describes, writing everything into `run_dir`."""
+          fresh: bool = False, progress: bool = True,
+          lineage: list[dict[str, Any]] | None = None) -> TrainResult:
+    """Train what `recipe` describes, writing everything into `run_dir` (a run derived
+    from another, like a distilled student, records its `lineage` in config.yaml)."""
     run_dir = Path(run_dir)
     ckpt = prepare_run_dir(run_dir, resume, fresh)
     cfg, prec, notes = resolve_runtime(cfg)
@@ -218,7 +220,7 @@ def train(cfg: Config, run_dir: str | Path, recipe: Recipe, *, resume: bool = Fa
     cfg = data.cfg
     state = TrainState.create(cfg, lambda: recipe.build_model(cfg), data.train_set, prec)
     task_state = state.restore(ckpt) if ckpt is not None else {}
-    write_config(run_dir, cfg)
+    write_config(run_dir, cfg, lineage)
     logger = MetricsLogger(run_dir, resume_step=state.step if ckpt is not None else None)
     try:
         task = recipe.make_task(TaskContext(cfg, run_dir, prec, state.mem_format, logger,

@@ -12,17 +12,16 @@ import contextlib
 import importlib.util
 import io
 import logging
-import statistics
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from effusion.config import ConfigError
 from effusion.models.exported import ONNX_HINT, OnnxNetwork, import_onnxruntime
+from effusion.optimize.timing import latency_ms
 from effusion.runs import CheckpointError, LoadedRun, load_run, read_lineage, write_config, write_json
 from effusion.runs.files import ONNX_MODEL, REPORT
 
@@ -77,18 +76,6 @@ def export_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path)
     return path
 
 
-def _latency_ms(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...],
-                repeats: int) -> float:
-    with torch.no_grad():
-        fn(*inputs)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(*inputs)
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
 def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
                repeats: int = 10) -> dict[str, Any]:
     """Export a diffusion run and write `out_dir` as a run directory; returns the report."""
@@ -117,8 +104,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
                               "threads": torch.get_num_threads(), "latency_ms": {}}
     for b in (1, 8, 64):
         inputs = _example(src, b)
-        eager = _latency_ms(model, inputs, repeats)
-        ort = _latency_ms(net, inputs, repeats)
+        eager = latency_ms(model, *inputs, repeats=repeats)
+        ort = latency_ms(net, *inputs, repeats=repeats)
         report["latency_ms"][str(b)] = {"eager_fp32": eager, "onnxruntime": ort,
                                         "speedup": eager / ort}
     write_json(out / REPORT, report)

@@ -8,34 +8,20 @@ with the lineage (base run, pass, settings) in the new run's config.yaml.
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from safetensors.torch import save_file
 
 from effusion.data import load_source, split, to_model_range
 from effusion.models.quantized import quantize_model, quantized_linears, quantized_tensors
+from effusion.optimize.timing import latency_ms
 from effusion.runs import (CheckpointError, LoadedClassifier, latest_checkpoint, load_classifier,
                            read_lineage, write_config, write_json)
 from effusion.runs.files import QUANTIZED_WEIGHTS, REPORT
 
 METHOD = "dynamic int8 (torch.ao), Linear layers"
-
-
-def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 15) -> float:
-    with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def _accuracy(clf: LoadedClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -76,8 +62,8 @@ def quantize_classifier(run_dir: str | Path, out_dir: str | Path | None = None) 
         "linear_layers": sorted(quantized_linears(qmodel)),
         "bytes_fp32": (latest_checkpoint(run_dir) / "ema.safetensors").stat().st_size,
         "bytes_int8": (out / QUANTIZED_WEIGHTS).stat().st_size,
-        "latency_ms_per_256_fp32": _latency_ms(src.model, x),
-        "latency_ms_per_256_int8": _latency_ms(dst.model, x),
+        "latency_ms_per_256_fp32": latency_ms(src.model, x, repeats=15, warmup=3),
+        "latency_ms_per_256_int8": latency_ms(dst.model, x, repeats=15, warmup=3),
         "val_acc_fp32": _accuracy(src, val.images, val.labels),
         "val_acc_int8": _accuracy(dst, val.images, val.labels),
         "val_images": len(val), "threads": torch.get_num_threads(),

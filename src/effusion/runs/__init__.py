@@ -14,8 +14,8 @@ from typing import Any
 from effusion.config import Config
 from effusion.models import count_params
 from effusion.runs.files import (CheckpointError, atomic_write, checkpoint_name, checkpoint_step,
-                                 latest_checkpoint, list_checkpoints, load_weights, read_config,
-                                 read_lineage, read_metrics, write_config, write_json)
+                                 latest_checkpoint, lineage_step, list_checkpoints, load_weights,
+                                 read_config, read_lineage, read_metrics, write_config, write_json)
 from effusion.runs.loaded import (Kind, LoadedClassifier, LoadedRun, LoadedVAE, build_run_model,
                                   inference_precision, kind_of, load, load_classifier, load_run,
                                   load_vae)
@@ -47,8 +47,7 @@ def describe(run_dir: str | Path) -> RunInfo:
     metrics = read_metrics(run_dir)
     lineage = read_lineage(run_dir)
     # a derived run without checkpoints (an export) is at its base run's step
-    step = checkpoint_step(ckpts[-1]) if ckpts else next(
-        (int(p["step"]) for p in reversed(lineage) if "step" in p), 0)
+    step = checkpoint_step(ckpts[-1]) if ckpts else lineage_step(lineage)
     return RunInfo(run_dir, cfg, kind_of(cfg), count_params(build_run_model(cfg)),
                    [p.name for p in ckpts], step, lineage, metrics[-1] if metrics else None)
 

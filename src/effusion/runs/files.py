@@ -104,6 +104,12 @@ def read_lineage(run_dir: str | Path) -> list[dict[str, Any]]:
     return lineage
 
 
+def lineage_step(lineage: list[dict[str, Any]]) -> int:
+    """The training step a derived run without checkpoints (an export) stands at: its
+    latest pass's record of the base run's step (0 if none says)."""
+    return next((int(p["step"]) for p in reversed(lineage) if "step" in p), 0)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     if not path.is_file():

@@ -30,7 +30,7 @@ from effusion.models.quantized import from_quantized_tensors
 from effusion.precision import Precision, bf16_supported, resolve_device, resolve_precision
 from effusion.runs.files import (ONNX_MODEL, QUANTIZED_WEIGHTS, VAE_INFO, CheckpointError,
                                  checkpoint_step, latest_checkpoint, load_weights, read_config,
-                                 read_lineage, read_tensors)
+                                 lineage_step, read_lineage, read_tensors)
 
 Kind = Literal["diffusion", "vae", "classifier"]
 KIND_COMMANDS = {"diffusion": "effusion train", "vae": "effusion vae train",
@@ -263,9 +263,8 @@ def _load_exported(run_dir: Path, cfg: Config, lineage: list[dict[str, Any]],
     """An exported run: the graph runs in fp32 in its engine (the base run's EMA weights)."""
     dev = resolve_device(str(device))
     vae = load_vae(cfg.model.vae, dev) if cfg.model.space == "latent" else None
-    step = next((int(p["step"]) for p in reversed(lineage) if "step" in p), 0)
     return LoadedRun(run_dir, cfg, OnnxNetwork(run_dir / ONNX_MODEL, dev), schedule_for(cfg),
-                     step, Precision(dev, "fp32"), vae, lineage)
+                     lineage_step(lineage), Precision(dev, "fp32"), vae, lineage)
 
 
 # --------------------------------------------------------------------------- classifier

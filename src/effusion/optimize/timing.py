@@ -1,0 +1,24 @@
+"""Latency of a network call, as every optimization pass reports it."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def latency_ms(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, repeats: int = 10,
+               warmup: int = 1) -> float:
+    """Median wall time of `fn(*inputs)` in ms over `repeats` calls, after `warmup` calls,
+    without autograd."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn(*inputs)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(*inputs)
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)

@@ -10,7 +10,7 @@ from conftest import tiny_config
 from effusion.config import ConfigError
 from effusion.diffusion import GuidedDenoiser, NetworkDenoiser
 from effusion.recipes import distill_guidance, train
-from effusion.recipes.distill import GuidanceDistillRecipe
+from effusion.recipes.distill import from_teacher
 from effusion.runs import describe, load_run, read_config, read_lineage
 from effusion.sampling import generate
 
@@ -46,7 +46,7 @@ def test_student_learns_the_guided_teacher(teacher, tmp_path):
                                       "train.warmup_steps=5"])
     assert res.step == 100
     cfg = read_config(out)
-    untrained = GuidanceDistillRecipe(load_run(teacher, device="cpu"), (1.0, 4.0)).build_model(cfg)
+    untrained = from_teacher(load_run(teacher, device="cpu").model)(cfg)
     trained = load_run(out, device="cpu").model
     for w in (2.0, 3.5):
         before, after = _guided_error(untrained.eval(), teacher, w), _guided_error(trained, teacher, w)
@@ -99,3 +99,123 @@ def test_student_exports_to_onnx_with_its_guidance_input(teacher, tmp_path):
     b = generate(onnx, 4, steps=3, seed=1, guidance=2.5).float()
     assert (a - b).abs().max() <= 1  # uint8 rounding at most
     assert [p["pass"] for p in read_lineage(tmp_path / "onnx")] == ["distill-guidance", "export"]
+
+
+# ------------------------------------------------------------------ step distillation
+
+def _step_task(run_dir, steps: int):
+    """A DistillTask for `steps` student steps with the run as teacher, without a loop."""
+    from effusion.diffusion import schedule_for
+    from effusion.diffusion.samplers import timesteps
+    from effusion.recipes.distill import DistillTask, Teacher
+
+    run = load_run(run_dir, device="cpu")
+    task = DistillTask.__new__(DistillTask)
+    task.cfg, task.schedule, task.steps = run.config, schedule_for(run.config), steps
+    task.teacher = Teacher(run)
+    task.grid = torch.tensor(timesteps(task.schedule, steps, "trailing") + [-1])
+    task.fine = torch.tensor(timesteps(task.schedule, 2 * steps, "trailing") + [-1])
+    return task, run
+
+
+def test_step_target_is_exact_when_the_teacher_knows_x0(teacher):
+    """If the teacher's x0 estimate is the same everywhere, its two DDIM steps equal one
+    DDIM step with that x0, so the student's target must imply exactly that x0."""
+    from effusion.diffusion import from_x0, to_x0
+
+    task, run = _step_task(teacher, 4)
+    assert torch.equal(task.fine[::2], task.grid)  # trailing grids nest
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 1, 16, 16, generator=g).clamp(-1, 1)
+    pred = run.config.diffusion.prediction
+
+    class Oracle:  # returns, in prediction space, the output that implies x0
+        def __call__(self, z, t, cond, w):
+            return from_x0(pred, task.schedule, x0, z, t)
+
+    task.teacher = Oracle()
+    i = torch.tensor([0, 1, 2, 3, 0, 3])
+    t = task.grid[i]
+    z = task.schedule.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    out = task._step_target(z, t, i, None, None)
+    assert torch.allclose(to_x0(pred, task.schedule, out, z, t), x0, atol=1e-4)
+
+
+def test_step_student_learns_two_teacher_steps_in_one(teacher, tmp_path):
+    from effusion.diffusion import to_x0
+    from effusion.recipes import distill_steps
+
+    out = tmp_path / "steps"
+    res = distill_steps(teacher, out, steps=2, from_steps=4, minutes=0, progress=False,
+                        overrides=["train.max_steps=60", "train.lr=1e-3", "train.ema_decay=0",
+                                   "train.warmup_steps=5"])
+    assert res.step == 60  # the last round's steps
+    cfg = read_config(out)
+    assert (cfg.sample.sampler, cfg.sample.steps, cfg.sample.spacing) == ("ddim", 2, "trailing")
+    assert cfg.model.guidance_input  # a guided teacher gives a student with a w input
+    (entry,) = read_lineage(out)
+    assert entry["pass"] == "distill-steps" and entry["rounds"] == [2]
+    task, _ = _step_task(teacher, 2)
+    task.w_range = (1.0, 3.0)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(32, 1, 16, 16, generator=g).clamp(-1, 1)
+    i = torch.randint(0, 2, (32,), generator=g)
+    t, c, w = task.grid[i], torch.arange(32) % 10, torch.full((32,), 2.0)
+    z = task.schedule.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    pred = cfg.diffusion.prediction
+    with torch.no_grad():
+        tgt = to_x0(pred, task.schedule, task._step_target(z, t, i, c, w), z, t)
+        untrained = from_teacher(load_run(teacher, device="cpu").model)(cfg).eval()
+        trained = load_run(out, device="cpu").model
+        err = [float((to_x0(pred, task.schedule, m(z, t, c, w=w), z, t) - tgt).square().mean())
+               for m in (untrained, trained)]
+    assert err[1] < 0.8 * err[0], err
+    images = generate(load_run(out, device="cpu"), 4, seed=0)  # its own 2 DDIM steps
+    assert images.shape == (4, 1, 16, 16)
+
+
+def test_step_distillation_rounds_resume_and_refuse_bad_counts(teacher, tmp_path):
+    from effusion.recipes import distill_steps
+
+    out = tmp_path / "r"
+    small = ["train.max_steps=2", "train.ema_decay=0"]
+    distill_steps(teacher, out, steps=2, from_steps=8, minutes=0, progress=False, overrides=small)
+    assert read_lineage(out)[-1]["rounds"] == [4, 2]
+    with pytest.raises(ConfigError, match="every round"):
+        distill_steps(teacher, out, steps=2, from_steps=8, minutes=0, progress=False,
+                      overrides=small, resume=True)
+    with pytest.raises(Exception, match="--fresh"):  # a trained --out is not overwritten
+        distill_steps(teacher, out, steps=2, from_steps=8, minutes=0, progress=False,
+                      overrides=small)
+    for bad in ((4, 4), (4, 12), (0, 8)):
+        with pytest.raises(ConfigError, match="power of two"):
+            distill_steps(teacher, tmp_path / "x", steps=bad[0], from_steps=bad[1], progress=False)
+
+
+# ------------------------------------------------------------------ smaller student
+
+def test_narrow_student_learns_the_teacher_and_still_guides(teacher, tmp_path):
+    from effusion.models import count_params
+    from effusion.recipes import distill_student
+
+    out = tmp_path / "narrow"
+    distill_student(teacher, out, channels=4, minutes=0, progress=False,
+                    overrides=["train.max_steps=80", "train.lr=3e-3", "train.ema_decay=0"])
+    cfg = read_config(out)
+    assert cfg.model.channels == 4 and cfg.train.cond_drop == 0.3
+    t_run, s_run = load_run(teacher, device="cpu"), load_run(out, device="cpu")
+    assert count_params(s_run.model) < 0.4 * count_params(t_run.model)
+    assert isinstance(s_run.denoiser(guidance=2.0), GuidedDenoiser)  # guidance still works
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 1, 16, 16, generator=g)
+    t = torch.randint(0, 50, (32,), generator=g)
+    c = torch.arange(32) % 11  # labels and the null class
+    from effusion.models import build_model
+    untrained = build_model(cfg).eval()
+    with torch.no_grad():
+        ref = t_run.model(x, t, c)
+        err = [float((m(x, t, c) - ref).square().mean()) for m in (untrained, s_run.model)]
+    assert err[1] < 0.5 * err[0], err
+    assert read_lineage(out)[-1]["pass"] == "distill-student"
+    with pytest.raises(ConfigError, match="--channels"):
+        distill_student(teacher, tmp_path / "y", channels=0, progress=False)

@@ -367,14 +367,112 @@ def optimize_distill_guidance(
     gives the guided prediction in one network call instead of two halves."""
     from effusion.recipes import distill_guidance
 
+    result = distill_guidance(run, out, guidance_range=_pair(guidance_range, "--guidance-range"),
+                              minutes=minutes, overrides=set_, resume=resume, fresh=fresh,
+                              progress=not quiet)
+    _distilled(result, out)
+
+
+def _pair(text: str, flag: str) -> tuple[float, float]:
     try:
-        lo, hi = (float(v) for v in guidance_range.split(","))
+        lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise ConfigError(f"--guidance-range takes two numbers lo,hi, got {guidance_range!r}") from None
-    result = distill_guidance(run, out, guidance_range=(lo, hi), minutes=minutes, overrides=set_,
-                              resume=resume, fresh=fresh, progress=not quiet)
+        raise ConfigError(f"{flag} takes two numbers lo,hi, got {text!r}") from None
+    return lo, hi
+
+
+def _distilled(result, out: Path) -> None:
     typer.echo(f"distilled {result.step} steps ({result.images_seen} images) in "
                f"{result.minutes:.1f} min; last loss {result.loss:.5f}; student: {out}")
+
+
+@optimize_app.command("distill-steps")
+@user_errors
+def optimize_distill_steps(
+    run: Path = typer.Option(..., "--run", help="Diffusion run (or a guidance-distilled student)."),
+    out: Path = typer.Option(..., "--out", help="Run directory for the student."),
+    steps: int = typer.Option(4, "--steps", help="Sampler steps the student takes."),
+    from_steps: int = typer.Option(32, "--from-steps", help="DDIM steps of the first teacher; "
+                                   "halved each round down to --steps."),
+    minutes: float = typer.Option(10.0, "--minutes", help="Training budget for all rounds (wall time)."),
+    guidance_range: str = typer.Option("1,3", "--guidance-range", help="Weights a guided student learns, lo,hi."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. train.lr=1e-4."),
+    resume: bool = typer.Option(False, "--resume", help="Skip finished rounds, resume the current one."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete the student's old checkpoints first."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Progressive step distillation (Salimans & Ho 2022): each round a student learns to
+    take one DDIM step where its teacher takes two; the result samples in --steps steps."""
+    from effusion.recipes import distill_steps
+
+    result = distill_steps(run, out, steps=steps, from_steps=from_steps, minutes=minutes,
+                           guidance_range=_pair(guidance_range, "--guidance-range"),
+                           overrides=set_, resume=resume, fresh=fresh, progress=not quiet)
+    _distilled(result, out)
+    typer.echo(f"the student samples with DDIM in {steps} steps by default")
+
+
+@optimize_app.command("distill-student")
+@user_errors
+def optimize_distill_student(
+    run: Path = typer.Option(..., "--run", help="Diffusion run (the teacher)."),
+    out: Path = typer.Option(..., "--out", help="Run directory for the student."),
+    channels: int = typer.Option(..., "--channels", help="Base width of the student U-Net."),
+    channel_mult: Optional[str] = typer.Option(None, "--channel-mult", help="Width multipliers per level, e.g. 1,2 (default: the teacher's)."),
+    minutes: float = typer.Option(5.0, "--minutes", help="Training budget (wall time)."),
+    data_weight: float = typer.Option(0.0, "--data-weight", help="Weight of the plain denoising loss added to the teacher's."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. train.lr=1e-3."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete the student's old checkpoints first."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Soft-target distillation into a narrower U-Net: the student learns the teacher's
+    prediction at every noise level (and label), so guidance still works on it."""
+    from effusion.recipes import distill_student
+
+    try:
+        mult = tuple(int(v) for v in channel_mult.split(",")) if channel_mult else None
+    except ValueError:
+        raise ConfigError(f"--channel-mult takes integers like 1,2,2, got {channel_mult!r}") from None
+    result = distill_student(run, out, channels=channels, channel_mult=mult, minutes=minutes,
+                             data_weight=data_weight, overrides=set_, resume=resume, fresh=fresh,
+                             progress=not quiet)
+    _distilled(result, out)
+
+
+@optimize_app.command("prune")
+@user_errors
+def optimize_prune(
+    run: Path = typer.Option(..., "--run", help="Diffusion run."),
+    out: Path = typer.Option(..., "--out", help="Run directory for the pruned model."),
+    ratio: float = typer.Option(0.5, "--ratio", help="Share of the prunable channels removed."),
+    importance: str = typer.Option("taylor", "--importance", help="taylor | magnitude | random."),
+    finetune_minutes: float = typer.Option(5.0, "--finetune-minutes", help="Fine-tune budget (wall time)."),
+    batches: int = typer.Option(8, "--batches", help="Batches whose gradients rank the channels (taylor)."),
+    data_weight: float = typer.Option(0.0, "--data-weight", help="Weight of the denoising loss in the fine-tune."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value of the fine-tune."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the fine-tune from its latest checkpoint."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete the old checkpoints in --out first."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Structured channel pruning by gradient importance (Diff-Pruning), then a fine-tune
+    that distils the unpruned network into the pruned one."""
+    from effusion.optimize.prune import prune_run
+
+    _, r = prune_run(run, out, ratio=ratio, importance=importance,
+                     finetune_minutes=finetune_minutes, batches=batches, data_weight=data_weight,
+                     overrides=set_, resume=resume, fresh=fresh, progress=not quiet and not as_json)
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    b, a = r["before"], r["after"]
+    typer.echo(f"pruned {run} -> {out} ({importance}, ratio {ratio}); fine-tuned "
+               f"{r['finetune']['steps']} steps in {r['finetune']['minutes']:.1f} min")
+    typer.echo("| | params | MACs per call | ms per call at batch 64 |\n|---|---|---|---|")
+    for name, v in (("before", b), ("after", a)):
+        typer.echo(f"| {name} | {v['params']:,} | {v['macs_per_call'] / 1e6:.1f} M | "
+                   f"{v['latency_ms_batch_64']:.1f} |")
 
 
 vae_app = typer.Typer(no_args_is_help=True, help="The autoencoder of latent diffusion.")

@@ -51,7 +51,11 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the H*W positions of a feature map."""
+    """Multi-head self-attention over the H*W positions of a feature map.
+
+    The heads' width is the qkv projection's, not the feature map's: channel pruning
+    (`effusion.optimize.prune`) narrows the residual stream (norm, qkv input, proj output)
+    and leaves every head whole."""
 
     def __init__(self, channels: int, head_channels: int, groups: int):
         super().__init__()
@@ -63,13 +67,14 @@ class Attention(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        b, c, h, w = x.shape
+        b, _, h, w = x.shape
+        inner = self.qkv.out_channels // 3
         # NCHW first (a no-op unless channels_last): the CPU attention backward is several
         # times slower on the strides a channels_last map would give q, k and v
-        qkv = self.qkv(self.norm(x)).contiguous().reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, C/heads)
+        qkv = self.qkv(self.norm(x)).contiguous().reshape(b, 3, self.heads, inner // self.heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, inner/heads)
         out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, inner, h, w))
 
 
 class Downsample(nn.Module):

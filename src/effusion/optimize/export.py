@@ -41,7 +41,8 @@ class _Signature(nn.Module):
         return self.unet(x, t, cond if self.n_inputs == 3 else None)
 
 
-def _example(run: LoadedRun, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def example_inputs(run: LoadedRun, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random network inputs for `run` at `batch`: (x, t[, cond[, w]]), on the CPU."""
     g = torch.Generator().manual_seed(seed)
     shape = run.vae.latent_shape if run.vae else (run.config.data.channels,
                                                   run.config.data.image_size,
@@ -90,12 +91,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
         raise CheckpointError(f"{run_dir} is already an exported run")
     model = src.model.float().to(memory_format=torch.contiguous_format).eval()
     out.mkdir(parents=True, exist_ok=True)
-    export_onnx(model, _example(src, 2), out / ONNX_MODEL)
+    export_onnx(model, example_inputs(src, 2), out / ONNX_MODEL)
     lineage = read_lineage(run_dir) + [{"pass": "export", "base": str(run_dir.resolve()),
                                         "format": "onnx", "step": src.step}]
     write_config(out, src.config, lineage)  # a latent run's VAE stays eager (model.vae)
     net = OnnxNetwork(out / ONNX_MODEL)
-    check = _example(src, 8, seed=1)
+    check = example_inputs(src, 8, seed=1)
     kw = {"w": check[3]} if len(check) == 4 else {}
     with torch.no_grad():
         diff = (net(*check[:3], **kw) - model(*check[:3], **kw)).abs().max().item()
@@ -103,7 +104,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
                               "max_abs_diff_fp32": diff, "bytes": (out / ONNX_MODEL).stat().st_size,
                               "threads": torch.get_num_threads(), "latency_ms": {}}
     for b in (1, 8, 64):
-        inputs = _example(src, b)
+        inputs = example_inputs(src, b)
         eager = latency_ms(model, *inputs, repeats=repeats)
         ort = latency_ms(net, *inputs, repeats=repeats)
         report["latency_ms"][str(b)] = {"eager_fp32": eager, "onnxruntime": ort,

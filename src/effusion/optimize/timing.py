@@ -1,4 +1,4 @@
-"""Latency of a network call, as every optimization pass reports it."""
+"""Latency and cost of a network call, as every optimization pass reports them."""
 
 from __future__ import annotations
 
@@ -22,3 +22,13 @@ def latency_ms(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, repeats: 
             fn(*inputs)
             times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
+
+
+def macs(model: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """Multiply-accumulates of one call `model(*inputs)` (convolutions, matmuls and
+    attention, counted by torch's FlopCounterMode: MACs = FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*inputs)
+    return counter.get_total_flops() // 2

@@ -15,7 +15,7 @@ from effusion.config import Config
 from effusion.recipes.classifier import ClassifierRecipe, ClassifierTask, feature_classifier
 from effusion.recipes.configs import (CLASSIFIER_DEFAULTS, VAE_DEFAULTS, classifier_config,
                                       vae_config)
-from effusion.recipes.distill import distill_guidance
+from effusion.recipes.distill import distill_guidance, distill_steps, distill_student
 from effusion.recipes.generative import DiffusionRecipe, DiffusionTask, VAERecipe, VAETask
 from effusion.train.loop import Recipe, TrainResult
 from effusion.train.loop import train as run_loop
@@ -45,5 +45,5 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, fresh: bool
 
 __all__ = ["CLASSIFIER_DEFAULTS", "ClassifierRecipe", "ClassifierTask", "DiffusionRecipe",
            "DiffusionTask", "RECIPES", "VAERecipe", "VAETask", "VAE_DEFAULTS",
-           "classifier_config", "distill_guidance", "feature_classifier", "recipe_for", "train",
+           "classifier_config", "distill_guidance", "distill_steps", "distill_student", "feature_classifier", "recipe_for", "train",
            "vae_config"]

@@ -1,86 +1,231 @@
-"""Guidance distillation (Meng et al. 2023, "On Distillation of Guided Diffusion Models",
-stage 1): a student with the guidance weight w as an input learns, in one network call,
-what the teacher gives with classifier-free guidance in two (both halves batched).
+"""Distillation: a student network learns from a frozen teacher run, through the shared loop
+(same precision, switches, EMA, checkpoints and resume as training).
 
-The student is the teacher's U-Net plus a w embedding whose output layer starts at zero,
-initialised from the teacher's EMA weights, so it starts as the plain conditional model.
-Each step draws real images, timesteps, noise and w ~ U[w_min, w_max]; the target is the
-teacher's guided output in the network's own prediction space (at fixed x_t and t, eps,
-v and x0 are affine in one another, so guiding there equals guiding x0), weighted like the
-run's own training loss (e.g. min-SNR). Everything else is the shared loop: the same
-precision, switches, EMA, checkpoints and resume.
+Three targets, one task (`DistillTask`); each step draws real images (in the teacher's
+space: pixels or VAE latents), timesteps t, noise and, for a student with a guidance
+input, a weight w ~ U[lo, hi]:
+
+- **guidance** (Meng et al. 2023, "On Distillation of Guided Diffusion Models", stage 1):
+  the student (the teacher's U-Net plus a w embedding whose output layer starts at zero)
+  matches the teacher's classifier-free-guided output in one call instead of two halves.
+  Guiding in the network's own prediction space equals guiding x0: at fixed x_t and t,
+  eps, v and x0 are affine in one another.
+- **student** (soft targets, Hinton et al. 2015, for a denoiser): a narrower U-Net matches
+  the teacher's prediction at every noise level. It keeps the teacher's label dropout, so
+  it learns the unconditional prediction too and guidance still works on it; with a
+  guidance-input teacher it takes w as well. `data_weight` adds the plain denoising loss.
+- **steps** (progressive distillation, Salimans & Ho 2022, alg. 2): on the trailing
+  N-step DDIM grid, the student's one step from t_i to t_{i+1} must land where the
+  teacher's two DDIM steps (through the midpoint of the 2N-step grid) land. The target
+  x0 solves the DDIM update for that point (their eq. 8); the loss is the squared error
+  in the network's prediction space, which for v-prediction is their "SNR+1" weighting
+  in x0. Trailing grids nest (the 2N grid's even points are the N grid), so each round's
+  student is the next round's teacher: 32 -> 16 -> 8 -> 4 steps.
+
+Students start from the teacher's EMA weights where the shapes allow (guidance, steps) or
+from scratch (a narrower student); the matching loss is weighted like the run's own
+training loss (e.g. min-SNR), except for steps (above).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from effusion.config import Config, ConfigError, config_from_dict, parse_overrides
-from effusion.diffusion import loss_weight
+from effusion.diffusion import from_x0, loss_weight, target, to_x0
+from effusion.diffusion.samplers import timesteps
 from effusion.models import build_model
-from effusion.recipes.generative import DiffusionTask
-from effusion.runs import CheckpointError, LoadedRun, load_run
-from effusion.train.loop import PlainRecipe, TaskContext, TrainResult
+from effusion.models.pruned import shape_like
+from effusion.recipes.generative import DiffusionRecipe, DiffusionTask
+from effusion.runs import CheckpointError, LoadedRun, atomic_write, load_run, read_lineage
+from effusion.train.loop import TaskContext, TrainResult, prepare_run_dir
 from effusion.train.loop import train as run_loop
 
-# Fine-tuning from the teacher: a lower peak LR and a short warm-up; the EMA warm-up keeps
+# Fine-tuning from a teacher: a lower peak LR and a short warm-up; the EMA warm-up keeps
 # early averages close to the (already good) initial weights.
-DISTILL_DEFAULTS = ["train.lr=2e-4", "train.warmup_steps=20", "train.cond_drop=0.0",
-                    "train.sample_every=0", "train.eval_every=0", "train.max_steps=1000000"]
+DISTILL_DEFAULTS = ["train.lr=2e-4", "train.warmup_steps=20", "train.sample_every=0",
+                    "train.eval_every=0", "train.max_steps=1000000"]
+# A student from scratch needs the training recipe's own learning rate and warm-up.
+SCRATCH_DEFAULTS = ["train.sample_every=0", "train.eval_every=0", "train.max_steps=1000000"]
 
 
-class GuidanceDistillTask(DiffusionTask):
-    """The student's loss against the guided teacher; grids come from the student at the
-    run's default guidance weight."""
+class Teacher:
+    """A frozen diffusion run's network, answering in its prediction space; with a weight
+    w it gives the guided prediction (one call for a guidance-distilled run, two batched
+    halves with classifier-free guidance otherwise)."""
 
-    def __init__(self, ctx: TaskContext, teacher: LoadedRun, w_range: tuple[float, float]):
-        super().__init__(ctx, None)
-        self.teacher, self.w_range = teacher, w_range
-        self.teacher.model.eval().requires_grad_(False)
+    def __init__(self, run: LoadedRun):
+        if not isinstance(run.model, nn.Module):
+            raise ConfigError(f"{run.run_dir} is an exported run; distil from the run it was "
+                              "exported from")
+        self.run, self.model = run, run.model.eval().requires_grad_(False)
+        cfg = run.config
+        self.takes_w = cfg.model.guidance_input
+        self.can_guide = bool(cfg.model.num_classes) and (self.takes_w or cfg.train.cond_drop > 0)
+
+    @torch.no_grad()
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+                 w: torch.Tensor | None) -> torch.Tensor:
+        if self.takes_w:
+            return self.model(x_t, t, cond, w=w).float()
+        if w is None or cond is None:
+            return self.model(x_t, t, cond).float()
+        b = x_t.shape[0]
+        null = torch.full_like(cond, self.run.num_classes)
+        both = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null])).float()
+        out_c, out_u = both[:b], both[b:]
+        return out_u + w.view(-1, 1, 1, 1) * (out_c - out_u)
+
+
+class DistillTask(DiffusionTask):
+    """The student's loss against the teacher (see the module doc for the three targets);
+    grids come from the student at the run's default sampler and guidance."""
+
+    def __init__(self, ctx: TaskContext, teacher: Teacher, w_range: tuple[float, float] | None,
+                 data_weight: float = 0.0, steps: int | None = None, vae=None):
+        super().__init__(ctx, vae)
+        self.teacher, self.w_range, self.data_weight = teacher, w_range, data_weight
+        self.steps = steps
+        if steps is not None:
+            T = self.schedule.T
+            self.grid = torch.tensor(timesteps(self.schedule, steps, "trailing") + [-1])
+            self.fine = torch.tensor(timesteps(self.schedule, 2 * steps, "trailing") + [-1])
+            if 2 * steps > T or not torch.equal(self.fine[::2], self.grid):
+                raise ConfigError(f"the {steps}- and {2 * steps}-step grids do not nest for "
+                                  f"{T} timesteps")
+
+    def _ddim(self, z: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, cond, w) -> torch.Tensor:
+        """One deterministic DDIM step of the teacher from t to t_next (per sample)."""
+        pred = self.cfg.diffusion.prediction
+        x0 = to_x0(pred, self.schedule, self.teacher(z, t, cond, w), z, t)
+        ab, ab_next = (self.schedule.alpha_bar(v, z.ndim).to(z.device) for v in (t, t_next))
+        eps = (z - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return ab_next.sqrt() * x0 + (1 - ab_next).sqrt() * eps
+
+    def _step_target(self, z: torch.Tensor, t: torch.Tensor, i: torch.Tensor, cond, w) -> torch.Tensor:
+        """The prediction that takes the student from z at grid point i to where the
+        teacher's two steps land (Salimans & Ho 2022, alg. 2, eq. 8)."""
+        dev = z.device
+        t_mid, t_next = self.fine[2 * i + 1].to(dev), self.grid[i + 1].to(dev)
+        z_next = self._ddim(self._ddim(z, t, t_mid, cond, w), t_mid, t_next, cond, w)
+        ab, ab_next = (self.schedule.alpha_bar(v, z.ndim).to(dev) for v in (t, t_next))
+        ratio = ((1 - ab_next) / (1 - ab)).sqrt()  # sigma_next / sigma
+        x0 = (z_next - ratio * z) / (ab_next.sqrt() - ratio * ab.sqrt())
+        return from_x0(self.cfg.diffusion.prediction, self.schedule, x0, z, t)
 
     def loss(self, model: Any, x0: torch.Tensor, labels: torch.Tensor | None,
              gen: torch.Generator) -> torch.Tensor:
         dc, dev, b = self.cfg.diffusion, self.prec.device, x0.shape[0]
-        t = torch.randint(0, self.schedule.T, (b,), generator=gen)
+        if self.vae is not None and x0.shape[1] != self.vae.latent_shape[0]:
+            x0 = self.vae.encode(x0)  # augmented pixels: encoded on the fly
+        if self.steps is None:
+            i = None
+            t = torch.randint(0, self.schedule.T, (b,), generator=gen)
+        else:
+            i = torch.randint(0, self.steps, (b,), generator=gen)
+            t = self.grid[i]
         noise = torch.randn(x0.shape, generator=gen)
-        lo, hi = self.w_range
-        w = lo + (hi - lo) * torch.rand(b, generator=gen)
+        cond = w = None
+        if self.cfg.model.num_classes:
+            cond = labels.clone()
+            if self.cfg.train.cond_drop > 0:  # a student without w keeps learning "no label"
+                drop = torch.rand(b, generator=gen) < self.cfg.train.cond_drop
+                cond[drop] = self.cfg.model.num_classes
+            cond = cond.to(dev)
+        if self.w_range is not None:
+            lo, hi = self.w_range
+            w = (lo + (hi - lo) * torch.rand(b, generator=gen)).to(dev)
         x_t = self.schedule.q_sample(x0, t, noise).to(dev, memory_format=self.mem_format)
-        t, w, cond = t.to(dev), w.to(dev), labels.to(dev)
-        null = torch.full_like(cond, self.cfg.model.num_classes)
-        with torch.no_grad(), self.prec.autocast():
-            both = self.teacher.model(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                      torch.cat([cond, null])).float()
-        out_c, out_u = both[:b], both[b:]
-        target = out_u + w.view(-1, 1, 1, 1) * (out_c - out_u)  # guided, in prediction space
+        t_dev = t.to(dev)
         with self.prec.autocast():
-            out = model(x_t, t, cond, w=w)
-        weight = loss_weight(dc.prediction, dc.loss_weighting, self.schedule, t.cpu(),
-                             dc.min_snr_gamma).to(dev)
-        return ((out.float() - target) ** 2).mean(dim=(1, 2, 3)).mul(weight).mean()
+            if i is None:
+                tgt = self.teacher(x_t, t_dev, cond, w)
+            else:
+                tgt = self._step_target(x_t.float(), t_dev, i.to(dev), cond, w)
+            out = model(x_t, t_dev, cond, **({"w": w} if w is not None else {}))
+        err = ((out.float() - tgt.float()) ** 2).mean(dim=(1, 2, 3))
+        if i is None:
+            err = err * loss_weight(dc.prediction, dc.loss_weighting, self.schedule, t,
+                                    dc.min_snr_gamma).to(dev)
+        loss = err.mean()
+        if self.data_weight:
+            data_tgt = target(dc.prediction, self.schedule, x0, noise, t).to(dev)
+            loss = loss + self.data_weight * ((out.float() - data_tgt) ** 2).mean()
+        return loss
 
 
-class GuidanceDistillRecipe(PlainRecipe):
-    """The teacher's data; the student U-Net with a guidance input, from the teacher."""
+class StudentRecipe(DiffusionRecipe):
+    """The teacher's data (pixels or its VAE's latents); the student network from
+    `make_student(cfg)`."""
 
-    def __init__(self, teacher: LoadedRun, w_range: tuple[float, float]):
-        self.teacher, self.w_range = teacher, w_range
+    def __init__(self, make_student: Callable[[Config], nn.Module],
+                 make_task: Callable[[TaskContext, Any], DistillTask]):
+        super().__init__()
+        self._make_student, self._make_task = make_student, make_task
 
     def build_model(self, cfg: Config) -> nn.Module:
-        student = build_model(cfg)
-        missing, unexpected = student.load_state_dict(self.teacher.model.state_dict(), strict=False)
-        if unexpected or not all(k.startswith("guidance_mlp.") for k in missing):
-            raise CheckpointError(f"the teacher {self.teacher.run_dir} does not fit its student "
-                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return student
+        return self._make_student(cfg)
 
-    def make_task(self, ctx: TaskContext) -> GuidanceDistillTask:
-        return GuidanceDistillTask(ctx, self.teacher, self.w_range)
+    def make_task(self, ctx: TaskContext) -> DistillTask:
+        return self._make_task(ctx, self.vae)
+
+
+def from_teacher(teacher: nn.Module, widths: dict[str, torch.Tensor] | None = None
+                 ) -> Callable[[Config], nn.Module]:
+    """A student builder: the config's U-Net (resized like `widths`, a pruned state dict,
+    if given) with every teacher tensor that fits; only a new guidance input may be
+    missing."""
+    def build(cfg: Config) -> nn.Module:
+        student = build_model(cfg, latent_shape=_latent_shape(teacher))
+        own = teacher.state_dict()
+        shape_like(student, widths if widths is not None else own)
+        missing, unexpected = student.load_state_dict(own, strict=False)
+        if unexpected or not all(k.startswith("guidance_mlp.") for k in missing):
+            raise CheckpointError(f"the teacher does not fit its student (missing "
+                                  f"{missing[:3]}, unexpected {unexpected[:3]})")
+        return student
+    return build
+
+
+def _latent_shape(unet: nn.Module) -> tuple[int, int, int] | None:
+    if unet.cfg.space != "latent":
+        return None
+    return unet.in_channels, unet.image_size, unet.image_size
+
+
+def _scratch(teacher: nn.Module) -> Callable[[Config], nn.Module]:
+    return lambda cfg: build_model(cfg, latent_shape=_latent_shape(teacher))
+
+
+def _check_out(run_dir: Path, out_dir: Path) -> None:
+    if out_dir.resolve() == run_dir.resolve():
+        raise ConfigError("the student needs its own directory (--out)")
+
+
+def _w_range(guidance_range: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = guidance_range
+    if not 0 <= lo <= hi:
+        raise ConfigError(f"--guidance-range must be two weights 0 <= lo <= hi, got {lo},{hi}")
+    return float(lo), float(hi)
+
+
+def _inherited_range(teacher: LoadedRun, default: tuple[float, float]) -> tuple[float, float]:
+    """The weights a guidance-distilled teacher learned (from its lineage)."""
+    for p in reversed(teacher.lineage):
+        if "guidance_range" in p:
+            return tuple(p["guidance_range"])  # type: ignore[return-value]
+    return default
+
+
+def _lineage(teacher: LoadedRun, run_dir: Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    return teacher.lineage + [{"pass": entry.pop("pass"), "base": str(run_dir.resolve()),
+                               "step": teacher.step, **entry}]
 
 
 def distill_guidance(run_dir: str | Path, out_dir: str | Path, *,
@@ -90,11 +235,8 @@ def distill_guidance(run_dir: str | Path, out_dir: str | Path, *,
     """Distill a class-conditional, guidance-trained run into a one-call student written to
     `out_dir` (a run directory; its config.yaml records the lineage)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if out_dir.resolve() == run_dir.resolve():
-        raise ConfigError("the student needs its own directory (--out)")
-    lo, hi = guidance_range
-    if not 0 <= lo <= hi:
-        raise ConfigError(f"--guidance-range must be two weights 0 <= lo <= hi, got {lo},{hi}")
+    _check_out(run_dir, out_dir)
+    w_range = _w_range(guidance_range)
     teacher = load_run(run_dir, precision="fp32")
     tc = teacher.config
     if not teacher.num_classes or tc.train.cond_drop <= 0:
@@ -102,13 +244,119 @@ def distill_guidance(run_dir: str | Path, out_dir: str | Path, *,
                           "run trained with label dropout (train.cond_drop > 0)")
     if tc.model.guidance_input:
         raise ConfigError(f"{run_dir} is already a guidance-distilled student")
-    if tc.model.space != "pixel":
-        raise ConfigError("guidance distillation of latent runs is not built yet")
-    cfg = replace(tc, model=replace(tc.model, guidance_input=True))
+    cfg = replace(tc, model=replace(tc.model, guidance_input=True),
+                  train=replace(tc.train, cond_drop=0.0))
     cfg = config_from_dict(parse_overrides(DISTILL_DEFAULTS + [f"train.max_minutes={minutes}"]
                                            + list(overrides or [])), cfg)
-    lineage = teacher.lineage + [{"pass": "distill-guidance", "base": str(run_dir.resolve()),
-                                  "step": teacher.step, "guidance_range": [lo, hi],
-                                  "minutes": minutes}]
-    return run_loop(cfg, out_dir, GuidanceDistillRecipe(teacher, (lo, hi)), resume=resume,
-                    fresh=fresh, progress=progress, lineage=lineage)
+    t = Teacher(teacher)
+    recipe = StudentRecipe(from_teacher(teacher.model),
+                           lambda ctx, vae: DistillTask(ctx, t, w_range, vae=vae))
+    lineage = _lineage(teacher, run_dir, {"pass": "distill-guidance",
+                                          "guidance_range": list(w_range), "minutes": minutes})
+    return run_loop(cfg, out_dir, recipe, resume=resume, fresh=fresh, progress=progress,
+                    lineage=lineage)
+
+
+def distill_student(run_dir: str | Path, out_dir: str | Path, *, channels: int,
+                    channel_mult: tuple[int, ...] | None = None, minutes: float = 5.0,
+                    data_weight: float = 0.0, overrides: list[str] | None = None,
+                    resume: bool = False, fresh: bool = False, progress: bool = True
+                    ) -> TrainResult:
+    """Train a narrower U-Net (`channels`, optionally `channel_mult`) on the teacher's
+    predictions over all noise levels (plus `data_weight` x the denoising loss)."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    _check_out(run_dir, out_dir)
+    teacher = load_run(run_dir, precision="fp32")
+    tc = teacher.config
+    if channels < 1:
+        raise ConfigError(f"--channels must be >= 1, got {channels}")
+    if data_weight < 0:
+        raise ConfigError(f"--data-weight must be >= 0, got {data_weight}")
+    mult = tuple(channel_mult) if channel_mult else tuple(tc.model.channel_mult)
+    head = min(tc.model.head_channels, channels * min(mult))
+    cfg = replace(tc, model=replace(tc.model, channels=channels, channel_mult=list(mult),
+                                    head_channels=head))
+    cfg = config_from_dict(parse_overrides(SCRATCH_DEFAULTS + [f"train.max_minutes={minutes}"]
+                                           + list(overrides or [])), cfg)
+    t = Teacher(teacher)
+    w_range = _inherited_range(teacher, (1.0, 3.0)) if t.takes_w else None
+    recipe = StudentRecipe(_scratch(teacher.model),
+                           lambda ctx, vae: DistillTask(ctx, t, w_range, data_weight, vae=vae))
+    lineage = _lineage(teacher, run_dir, {"pass": "distill-student", "channels": channels,
+                                          "channel_mult": list(mult), "data_weight": data_weight,
+                                          "minutes": minutes})
+    return run_loop(cfg, out_dir, recipe, resume=resume, fresh=fresh, progress=progress,
+                    lineage=lineage)
+
+
+ROUNDS_FILE = "rounds.json"
+
+
+def distill_steps(run_dir: str | Path, out_dir: str | Path, *, steps: int = 4,
+                  from_steps: int = 32, minutes: float = 10.0,
+                  guidance_range: tuple[float, float] = (1.0, 3.0),
+                  overrides: list[str] | None = None, resume: bool = False,
+                  fresh: bool = False, progress: bool = True) -> TrainResult:
+    """Progressive distillation from `from_steps` DDIM steps down to `steps`, halving each
+    round; `minutes` is split evenly over the rounds. A class-conditional run that can
+    guide gets a guidance input on the way (Meng et al. 2023, stage 2 on a stage-1
+    student, or both stages at once from a plain guided run).
+
+    The student samples with DDIM at its own step count (trailing spacing) by default.
+    Each round writes `out_dir` afresh from the last round's student; `rounds.json`
+    records finished rounds, so `resume=True` skips them and resumes the current one.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    _check_out(run_dir, out_dir)
+    if steps < 1 or from_steps <= steps or from_steps % steps or (from_steps // steps) & (
+            from_steps // steps - 1):
+        raise ConfigError(f"--from-steps must be --steps times a power of two greater than 1, "
+                          f"got --steps {steps} --from-steps {from_steps}")
+    base = load_run(run_dir, precision="fp32")
+    if base.config.model.guidance_input:
+        w_range: tuple[float, float] | None = _inherited_range(base, _w_range(guidance_range))
+    elif base.num_classes and base.config.train.cond_drop > 0:
+        w_range = _w_range(guidance_range)
+    else:
+        w_range = None
+    schedule_n = [from_steps // 2 ** k for k in range(1, 64) if from_steps // 2 ** k >= steps]
+    per_round = minutes / len(schedule_n)
+    rounds_path = out_dir / ROUNDS_FILE
+    done: list[dict[str, Any]] = []
+    if resume and rounds_path.is_file():
+        done = json.loads(rounds_path.read_text())["rounds"]
+    result: TrainResult | None = None
+    if not resume:
+        prepare_run_dir(out_dir, resume=False, fresh=fresh)  # a trained --out needs --fresh
+    for n in schedule_n:
+        if any(r["steps"] == n for r in done):
+            continue
+        teacher = load_run(out_dir, precision="fp32") if done else base
+        tc = teacher.config
+        cfg = replace(tc, model=replace(tc.model, guidance_input=w_range is not None),
+                      train=replace(tc.train, cond_drop=0.0 if w_range else tc.train.cond_drop),
+                      sample=replace(tc.sample, sampler="ddim", steps=n, spacing="trailing"))
+        cfg = config_from_dict(parse_overrides(DISTILL_DEFAULTS
+                                               + [f"train.max_minutes={per_round}"]
+                                               + list(overrides or [])), cfg)
+        t = Teacher(teacher)
+        recipe = StudentRecipe(from_teacher(teacher.model),
+                               lambda ctx, vae, t=t, n=n: DistillTask(ctx, t, w_range, steps=n,
+                                                                      vae=vae))
+        lineage = read_lineage(run_dir) + [{
+            "pass": "distill-steps", "base": str(run_dir.resolve()), "step": base.step,
+            "from_steps": from_steps, "steps": n, "rounds": [r["steps"] for r in done] + [n],
+            "minutes": minutes, **({"guidance_range": list(w_range)} if w_range else {})}]
+        resuming = resume and rounds_path.is_file() and (out_dir / "checkpoints").is_dir() \
+            and json.loads(rounds_path.read_text()).get("current") == n
+        if not resuming:
+            atomic_write(rounds_path, json.dumps({"rounds": done, "current": n}))
+        # fresh: the last round's student is already in memory as this round's teacher
+        result = run_loop(cfg, out_dir, recipe, resume=resuming, fresh=not resuming,
+                          progress=progress, lineage=lineage)
+        done = done + [{"steps": n, "train_steps": result.step, "minutes": result.minutes}]
+        atomic_write(rounds_path, json.dumps({"rounds": done, "current": None}, indent=1))
+    if result is None:
+        raise ConfigError(f"{out_dir} already holds every round (down to {steps} steps); "
+                          "use another --out or drop --resume")
+    return result

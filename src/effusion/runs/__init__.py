@@ -15,10 +15,11 @@ from effusion.config import Config
 from effusion.models import count_params
 from effusion.runs.files import (CheckpointError, atomic_write, checkpoint_name, checkpoint_step,
                                  latest_checkpoint, lineage_step, list_checkpoints, load_weights,
-                                 read_config, read_lineage, read_metrics, write_config, write_json)
+                                 read_config, read_lineage, read_metrics, read_tensors,
+                                 write_config, write_json)
 from effusion.runs.loaded import (Kind, LoadedClassifier, LoadedRun, LoadedVAE, build_run_model,
-                                  inference_precision, kind_of, load, load_classifier, load_run,
-                                  load_vae)
+                                  inference_precision, is_pruned, kind_of, load, load_classifier,
+                                  load_run, load_vae)
 
 
 @dataclass
@@ -48,12 +49,16 @@ def describe(run_dir: str | Path) -> RunInfo:
     lineage = read_lineage(run_dir)
     # a derived run without checkpoints (an export) is at its base run's step
     step = checkpoint_step(ckpts[-1]) if ckpts else lineage_step(lineage)
-    return RunInfo(run_dir, cfg, kind_of(cfg), count_params(build_run_model(cfg)),
+    if is_pruned(lineage) and ckpts:  # its widths are in its weights, not its config
+        params = sum(v.numel() for v in read_tensors(ckpts[-1] / "ema.safetensors").values())
+    else:
+        params = count_params(build_run_model(cfg))
+    return RunInfo(run_dir, cfg, kind_of(cfg), params,
                    [p.name for p in ckpts], step, lineage, metrics[-1] if metrics else None)
 
 
 __all__ = ["CheckpointError", "Kind", "LoadedClassifier", "LoadedRun", "LoadedVAE", "RunInfo",
            "atomic_write", "build_run_model", "checkpoint_name", "checkpoint_step", "describe",
-           "inference_precision", "kind_of", "latest_checkpoint", "list_checkpoints", "load",
+           "inference_precision", "is_pruned", "kind_of", "latest_checkpoint", "list_checkpoints", "load",
            "load_classifier", "load_run", "load_vae", "load_weights", "read_config",
-           "read_lineage", "read_metrics", "write_config", "write_json"]
+           "read_lineage", "read_metrics", "read_tensors", "write_config", "write_json"]

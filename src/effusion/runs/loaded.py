@@ -5,8 +5,8 @@
 - VAE (`model.arch=vae`, finished: `vae.json` written) -> `LoadedVAE`: encode / decode.
 - classifier (`model.arch=mlp|cnn|convnet`, float or int8) -> `LoadedClassifier`: predict.
 
-A derived run (quantized today; distilled, pruned, exported later) is one of these kinds
-with a `lineage` in its config.yaml. Everything that reads a run directory back goes
+A derived run (quantized, distilled, pruned, exported) is one of these kinds with a
+`lineage` in its config.yaml; a pruned run's layer widths come from its weights. Everything that reads a run directory back goes
 through here: sampling, evaluation, optimization passes, the benchmarks, the CLI.
 """
 
@@ -26,6 +26,7 @@ from effusion.diffusion import GuidedDenoiser, NetworkDenoiser, Schedule, schedu
 from effusion.models import VAE, UNet, build_model, latent_size
 from effusion.models.cache import CachedUNet
 from effusion.models.exported import OnnxNetwork
+from effusion.models.pruned import shape_like
 from effusion.models.quantized import from_quantized_tensors
 from effusion.precision import Precision, bf16_supported, resolve_device, resolve_precision
 from effusion.runs.files import (ONNX_MODEL, QUANTIZED_WEIGHTS, VAE_INFO, CheckpointError,
@@ -142,6 +143,12 @@ def vae_latent_shape(vae_dir: str | Path, image_size: int) -> tuple[int, int, in
     return vcfg.vae.latent_channels, s, s
 
 
+def is_pruned(lineage: list[dict[str, Any]]) -> bool:
+    """Whether a pass in the lineage narrowed the network's layers (its widths are then
+    its checkpoint's, not its config's)."""
+    return any(p.get("pass") == "prune" for p in lineage)
+
+
 def build_run_model(cfg: Config) -> nn.Module:
     """`models.build_model` for a run's config, with what it needs from other runs (the
     latent shape of a latent diffusion run's VAE) read here."""
@@ -250,7 +257,10 @@ def load_run(run_dir: str | Path, ema: bool = True, device: str = "auto",
     prec = inference_precision(cfg, device, precision)
     vae = load_vae(cfg.model.vae, prec.device) if cfg.model.space == "latent" else None
     model = build_model(cfg, latent_shape=vae.latent_shape if vae else None)
-    load_weights(ckpt / ("ema.safetensors" if ema else "model.safetensors"), model)
+    path = ckpt / ("ema.safetensors" if ema else "model.safetensors")
+    if is_pruned(lineage):
+        shape_like(model, read_tensors(path))
+    load_weights(path, model)
     model.to(prec.device).eval()
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -122,3 +122,14 @@ def feature_classifier(_private_cache):
         return train_or_load(DataConfig())
     finally:
         torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory):
+    """An MLP on 16px digits: enough to provide features for tiny-run tests in seconds."""
+    from effusion.recipes import classifier_config, train
+
+    run = tmp_path_factory.mktemp("clf16") / "run"
+    train(classifier_config(["model.arch=mlp", "data.image_size=16", "train.epochs=2",
+                             "train.threads=1", "train.precision=fp32"]), run, progress=False)
+    return run

@@ -109,3 +109,48 @@ def test_split_is_fixed_disjoint_and_shared(make_cfg):
     both = torch.cat([a_train.images, a_val.images]).flatten(1)
     assert len({tuple(r.tolist()) for r in both}) == len({tuple(r.tolist()) for r in data.images.flatten(1)})
     assert split(data, 0.0)[1] is None
+
+
+def test_distillation_loss_is_soft_kl_plus_hard_ce(tmp_path, make_cfg):
+    """alpha = 1 with the student as its own teacher: zero loss at any temperature;
+    alpha = 0: exactly the cross-entropy; in between the T^2-scaled KL is added."""
+    import torch.nn.functional as F
+
+    from effusion.precision import Precision
+    from effusion.recipes.classifier import ClassifierDistillTask
+    from effusion.train.loop import TaskContext
+
+    cfg = classifier_config(["model.arch=mlp", "data.limit=64", "train.device=cpu"])
+    data = split(load_source(cfg.data), 0.25)
+    student = build_model(cfg, num_classes=10).eval()
+    teacher = build_model(cfg, num_classes=10).eval()
+    ctx = TaskContext(cfg, tmp_path, Precision(torch.device("cpu"), "fp32"),
+                      torch.contiguous_format, None, data[0], data[1])
+    x = torch.randn(16, 1, 28, 28)
+    y = torch.arange(16) % 10
+    for T in (1.0, 4.0):
+        assert ClassifierDistillTask(ctx, student, T, 1.0).loss(student, x, y, None).abs() < 1e-6
+    ce = F.cross_entropy(student(x), y)
+    assert torch.allclose(ClassifierDistillTask(ctx, teacher, 4.0, 0.0).loss(student, x, y, None), ce)
+    kl = F.kl_div(F.log_softmax(student(x) / 4, 1), F.log_softmax(teacher(x) / 4, 1),
+                  log_target=True, reduction="batchmean")
+    mixed = ClassifierDistillTask(ctx, teacher, 4.0, 0.5).loss(student, x, y, None)
+    assert torch.allclose(mixed, 0.5 * 16 * kl + 0.5 * ce, atol=1e-6)
+
+
+def test_distilled_student_is_a_classifier_run_with_lineage(feature_classifier, tmp_path):
+    from effusion.recipes.classifier import distill_classifier
+    from effusion.runs import read_lineage
+
+    out = tmp_path / "student"
+    distill_classifier(feature_classifier.run_dir, out, arch="mlp", temperature=4.0, progress=False,
+                       overrides=["train.epochs=3"])
+    student = load_classifier(out)
+    assert student.config.model.arch == "mlp"
+    assert held_out_accuracy(out) > 0.8
+    (entry,) = read_lineage(out)
+    assert entry["pass"] == "distill-classifier" and entry["teacher_arch"] == "cnn"
+    with pytest.raises(ConfigError, match="--temperature"):
+        distill_classifier(feature_classifier.run_dir, tmp_path / "x", temperature=0)
+    with pytest.raises(ConfigError, match="--alpha"):
+        distill_classifier(feature_classifier.run_dir, tmp_path / "x", alpha=1.5)

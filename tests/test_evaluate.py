@@ -92,17 +92,6 @@ def test_image_array_errors(tmp_path, arr, msg):
         evaluate_images(tmp_path / "junk.npy", "mnist5k")
 
 
-@pytest.fixture(scope="module")
-def tiny_classifier(tmp_path_factory):
-    """An MLP on 16px digits: enough to provide features for tiny-run tests in seconds."""
-    from effusion.recipes import classifier_config
-
-    run = tmp_path_factory.mktemp("clf16") / "run"
-    train(classifier_config(["model.arch=mlp", "data.image_size=16", "train.epochs=2",
-                             "train.threads=1", "train.precision=fp32"]), run, progress=False)
-    return run
-
-
 def test_evaluate_run_writes_metrics_and_bpd(tmp_path, make_cfg, tiny_classifier):
     run = tmp_path / "run"
     train(make_cfg("train.max_steps=6", "model.num_classes=10"), run, progress=False)

@@ -115,3 +115,40 @@ def test_pruned_run_loads_samples_and_resumes(base, tmp_path):
         prune_run(base, base, progress=False)
     with pytest.raises(ConfigError, match="finetune-minutes"):
         prune_run(base, tmp_path / "z", finetune_minutes=0, progress=False)
+
+
+def test_report_compares_a_run_with_its_pruned_variant(base, tmp_path, tiny_classifier):
+    """`effusion optimize report`: one row per run, with cost (params, MACs, calls, bytes),
+    speed (latency per step, samples/s, cold start) and quality, JSON + PNG written."""
+    import json
+    import subprocess
+    import sys
+
+    from effusion.optimize.report import calls_per_sample, report_runs, table
+
+    pruned = tmp_path / "p"
+    prune_run(base, pruned, ratio=0.5, importance="magnitude", progress=False,
+              overrides=["train.max_steps=2", "train.max_minutes=0"])
+    out = tmp_path / "report.json"
+    r = report_runs([base, pruned], 16, out=out, cold_start=False, features=tiny_classifier)
+    rows = r["rows"]
+    assert [row["variant"] for row in rows] == ["untouched", "prune"]
+    assert rows[1]["params"] < 0.5 * rows[0]["params"]
+    assert rows[1]["macs_per_call"] < 0.5 * rows[0]["macs_per_call"]
+    assert rows[1]["bytes"] < 0.5 * rows[0]["bytes"]
+    # guided run at its default guidance: both halves, 2 calls per step
+    assert rows[0]["network_calls_per_sample"] == 2 * rows[0]["steps"]
+    for row in rows:
+        assert set(row["latency_ms"]) == {"1", "8", "64"} and row["samples_per_s"] > 0
+        assert 0 <= row["class_accuracy"] <= 1 and row["fid"] > 0
+    assert json.loads(out.read_text())["rows"][0]["run"] == str(base)
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert "| p | prune |" in table(r)
+    run = load_run(base, device="cpu")
+    assert calls_per_sample(run, 10, "dpmpp_2m") == 20 and calls_per_sample(run, 10, "ddpm") == 100
+    # the CLI (with a cold start: a fresh process to its first image)
+    cli = subprocess.run([sys.executable, "-m", "effusion", "optimize", "report", str(pruned),
+                          "--n", "8", "--out", str(tmp_path / "cli.json"), "--json",
+                          "--features", str(tiny_classifier)], capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert json.loads(cli.stdout)["rows"][0]["cold_start_s"] > 0

@@ -202,6 +202,34 @@ def classifier_train(
     typer.echo(f"curves: {result.grid}")
 
 
+@classifier_app.command("distill")
+@user_errors
+def classifier_distill(
+    teacher: Path = typer.Option(..., "--teacher", help="Classifier run to learn from (fp32 or int8)."),
+    arch: str = typer.Option("mlp", "--arch", help="The student: mlp | cnn | convnet."),
+    temperature: float = typer.Option(4.0, "--temperature", help="Softens both distributions (Hinton et al. 2015)."),
+    alpha: float = typer.Option(0.9, "--alpha", help="Share of the soft-target loss; the rest is cross-entropy on labels."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Default: the teacher's."),
+    set_: list[str] = typer.Option([], "--set", help="Any other config value, e.g. train.lr=1e-3."),
+    run: Path = typer.Option(..., "--run", help="Run directory for the student."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete the student's old checkpoints first."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Knowledge distillation of a classifier into another architecture, with the
+    temperature-softened KL loss against the teacher's probabilities."""
+    from effusion.recipes.classifier import distill_classifier
+    from effusion.runs import read_metrics
+
+    overrides = ([f"train.epochs={epochs}"] if epochs is not None else []) + list(set_)
+    result = distill_classifier(teacher, run, arch=arch, temperature=temperature, alpha=alpha,
+                                overrides=overrides, resume=resume, fresh=fresh,
+                                progress=not quiet)
+    last = [m for m in read_metrics(run) if "val_acc" in m][-1]
+    typer.echo(f"distilled {result.step} steps in {result.minutes:.1f} min; held-out accuracy "
+               f"{last['val_acc']:.4f}, loss {last['val_loss']:.4f}; student: {run}")
+
+
 @classifier_app.command("quantize")
 @user_errors
 def classifier_quantize(
@@ -473,6 +501,32 @@ def optimize_prune(
     for name, v in (("before", b), ("after", a)):
         typer.echo(f"| {name} | {v['params']:,} | {v['macs_per_call'] / 1e6:.1f} M | "
                    f"{v['latency_ms_batch_64']:.1f} |")
+
+
+@optimize_app.command("report")
+@user_errors
+def optimize_report(
+    runs: list[Path] = typer.Argument(..., help="Run directories: a run and its variants."),
+    n: int = typer.Option(1000, "--n", help="Samples per run for speed and quality."),
+    out: Path = typer.Option(Path("optimize_report.json"), "--out", help="JSON to write (the PNG goes beside it)."),
+    cold_start: bool = typer.Option(True, "--cold-start/--no-cold-start", help="Also time a fresh process to its first image."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Classifier run for features (default: cached, trained once)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """One table over variants: params, MACs, calls per sample, latency at batch 1/8/64,
+    samples/s, size, FID, class accuracy, recall and cold start, each at its defaults."""
+    from effusion.optimize.report import report_runs, table
+    from effusion.runs import load_run
+
+    if n < 1:
+        raise ConfigError(f"--n must be >= 1, got {n}")
+    features = features or _feature_classifier(load_run(runs[0]).config.data, as_json)
+    r = report_runs(runs, n, out=out, cold_start=cold_start, features=features)
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    typer.echo(table(r))
+    typer.echo(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 vae_app = typer.Typer(no_args_is_help=True, help="The autoencoder of latent diffusion.")

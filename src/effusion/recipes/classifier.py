@@ -6,6 +6,7 @@ sample-quality metrics are computed in (no Inception weights can be downloaded).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from effusion.config import ConfigError, DataConfig
+from effusion.config import ConfigError, DataConfig, config_from_dict, parse_overrides
 from effusion.data import to_model_range
 from effusion.evaluate.features import feature_arch, feature_run_dir
 from effusion.plots import figure
 from effusion.recipes.configs import classifier_config
-from effusion.runs import LoadedClassifier, latest_checkpoint, load_classifier, read_metrics
+from effusion.runs import (LoadedClassifier, latest_checkpoint, load_classifier, read_lineage,
+                           read_metrics)
 from effusion.train.loop import PlainRecipe, TaskContext
 from effusion.train.loop import train as run_loop
 
@@ -38,11 +40,17 @@ class ClassifierTask:
 
     def loss(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None,
              gen: torch.Generator) -> torch.Tensor:
-        dev = self.prec.device
-        y = labels.to(dev)
+        return self.hard_loss(self.logits(model, x), labels)
+
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with self.prec.autocast():
-            logits = model(x.to(dev, memory_format=self.mem_format, non_blocking=True))
-        loss = F.cross_entropy(logits.float(), y)  # fp32 log-softmax whatever the precision
+            return model(x.to(self.prec.device, memory_format=self.mem_format,
+                              non_blocking=True)).float()  # fp32 log-softmax at any precision
+
+    def hard_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on the labels, counted into the epoch's loss and accuracy."""
+        y = labels.to(logits.device)
+        loss = F.cross_entropy(logits, y)
         if torch.isfinite(loss):
             self.sums["loss"] += loss.item() * len(y)
             self.sums["correct"] += int((logits.argmax(1) == y).sum())
@@ -129,3 +137,60 @@ def feature_classifier(data: DataConfig, progress: bool = False) -> LoadedClassi
               f"(once; cached in {run})")
         run_loop(cfg, run, ClassifierRecipe(), fresh=True, progress=progress)
     return load_classifier(run)
+
+
+class ClassifierDistillTask(ClassifierTask):
+    """Knowledge distillation (Hinton et al. 2015, sec. 2): the student matches the
+    teacher's class probabilities softened by a temperature T, on the same (augmented)
+    batch, plus the hard-label cross-entropy:
+
+        loss = alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE
+
+    The T^2 keeps the soft term's gradients on the scale of the hard one's as T changes
+    (their sec. 2.1). Accuracy bookkeeping and validation are the classifier task's."""
+
+    def __init__(self, ctx: TaskContext, teacher: nn.Module, temperature: float, alpha: float):
+        super().__init__(ctx)
+        self.teacher, self.T, self.alpha = teacher.eval(), temperature, alpha
+
+    def loss(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None,
+             gen: torch.Generator) -> torch.Tensor:
+        logits = self.logits(model, x)
+        with torch.no_grad():
+            soft_t = F.log_softmax(self.teacher(x.to(logits.device)).float() / self.T, dim=1)
+        soft_s = F.log_softmax(logits / self.T, dim=1)
+        hard = self.hard_loss(logits, labels)
+        kl = F.kl_div(soft_s, soft_t, log_target=True, reduction="batchmean")
+        return self.alpha * self.T ** 2 * kl + (1 - self.alpha) * hard
+
+
+class ClassifierDistillRecipe(ClassifierRecipe):
+    def __init__(self, teacher: nn.Module, temperature: float, alpha: float):
+        self.teacher, self.temperature, self.alpha = teacher, temperature, alpha
+
+    def make_task(self, ctx: TaskContext) -> ClassifierDistillTask:
+        return ClassifierDistillTask(ctx, self.teacher, self.temperature, self.alpha)
+
+
+def distill_classifier(teacher_dir: str | Path, out_dir: str | Path, *, arch: str = "mlp",
+                       temperature: float = 4.0, alpha: float = 0.9,
+                       overrides: list[str] | None = None, resume: bool = False,
+                       fresh: bool = False, progress: bool = True):
+    """Train a `model.arch=arch` classifier on `teacher_dir`'s data with soft targets from
+    its (fp32 or int8) network; the teacher's recipe (optimizer, schedule, augmentation,
+    epochs) otherwise. Returns the loop's TrainResult."""
+    teacher = load_classifier(teacher_dir)
+    if temperature <= 0:
+        raise ConfigError(f"--temperature must be > 0, got {temperature}")
+    if not 0 <= alpha <= 1:
+        raise ConfigError(f"--alpha must be between 0 and 1 (the soft targets' share), got {alpha}")
+    if Path(out_dir).resolve() == Path(teacher_dir).resolve():
+        raise ConfigError("the student needs its own directory (--run)")
+    tc = teacher.config
+    cfg = replace(tc, model=replace(tc.model, arch=arch))
+    cfg = config_from_dict(parse_overrides(list(overrides or [])), cfg)
+    lineage = read_lineage(teacher_dir) + [{
+        "pass": "distill-classifier", "base": str(Path(teacher_dir).resolve()),
+        "teacher_arch": tc.model.arch, "temperature": temperature, "alpha": alpha}]
+    return run_loop(cfg, out_dir, ClassifierDistillRecipe(teacher.model, temperature, alpha),
+                    resume=resume, fresh=fresh, progress=progress, lineage=lineage)

@@ -361,22 +361,28 @@ app.add_typer(optimize_app, name="optimize")
 def optimize_export(
     run: Path = typer.Option(..., "--run", help="Diffusion run directory."),
     out: Path = typer.Option(..., "--out", help="New run directory for the exported model."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx (run by ONNX Runtime)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (the graph run by ONNX Runtime) | openvino (the same graph run by OpenVINO)."),
+    int8: bool = typer.Option(False, "--int8", help="Static int8 quantization, calibrated on noisy real inputs across timesteps."),
+    calib_batches: int = typer.Option(16, "--calib-batches", help="Calibration batches of 16 (with --int8)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Export the U-Net (EMA weights, fp32) and check it against the eager model; `sample`
     and `evaluate` take the new run directory like any other."""
     from effusion.optimize.export import export_run
 
-    r = export_run(run, out, fmt)
+    r = export_run(run, out, fmt, int8=int8, calib_batches=calib_batches)
     if as_json:
         typer.echo(json.dumps(r))
         return
     typer.echo(f"exported {run} -> {out / 'model.onnx'} ({r['bytes']:,} bytes); max abs "
                f"difference to eager fp32: {r['max_abs_diff_fp32']:.2e}")
-    typer.echo("| batch | eager fp32 ms | ONNX Runtime ms | speedup |\n|---|---|---|---|")
+    name = r["engine"]
+    engine = f"{name} int8" if int8 else name
+    extra = f" {name} fp32 ms |" if int8 else ""
+    typer.echo(f"| batch | eager fp32 ms |{extra} {engine} ms | speedup |\n|---|---|" + "---|" * (2 + int8))
     for b, v in r["latency_ms"].items():
-        typer.echo(f"| {b} | {v['eager_fp32']:.1f} | {v['onnxruntime']:.1f} | {v['speedup']:.2f}x |")
+        mid = f" {v['engine_fp32']:.1f} |" if int8 else ""
+        typer.echo(f"| {b} | {v['eager_fp32']:.1f} |{mid} {v['engine']:.1f} | {v['speedup']:.2f}x |")
 
 
 @optimize_app.command("distill-guidance")

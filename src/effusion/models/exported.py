@@ -1,11 +1,11 @@
-"""A U-Net exported to ONNX, run by ONNX Runtime: the same network callable
-`(x_t, t, cond) -> prediction` as the eager model, so every Denoiser, sampler and
+"""A U-Net exported to ONNX, run by ONNX Runtime or OpenVINO: the same network callable
+`(x_t, t, cond[, w]) -> prediction` as the eager model, so every Denoiser, sampler and
 guidance wrapper takes it unchanged.
 
-ONNX Runtime applies its graph optimizations when the session is created (constant
-folding, and fusions of the conv/norm/activation and attention patterns it knows), so the
-file on disk stays the portable graph and the fused one lives in memory. Needs the
-`onnx` extra: `pip install 'effusion[onnx]'`.
+Both engines optimize the graph when they load it (constant folding, fusions of the
+conv/norm/activation and attention patterns they know; an int8 QDQ graph runs as int8),
+so the file on disk stays the portable graph and the fused one lives in memory. Needs the
+`onnx` extra (`pip install 'effusion[onnx]'`), and for OpenVINO `effusion[openvino]`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import torch
 from effusion.config import ConfigError
 
 ONNX_HINT = "ONNX export and inference need onnx and onnxruntime: pip install 'effusion[onnx]'"
+OPENVINO_HINT = "the OpenVINO engine needs openvino: pip install 'effusion[openvino]'"
+ENGINES = ("onnxruntime", "openvino")
 
 
 def import_onnxruntime():
@@ -28,7 +30,64 @@ def import_onnxruntime():
     return onnxruntime
 
 
-class OnnxNetwork:
+def import_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise ConfigError(OPENVINO_HINT) from None
+    return openvino
+
+
+class _GraphNetwork:
+    """The network contract over a compiled graph: builds the feeds, checks the inputs."""
+
+    inputs: list[str]
+    training = False
+
+    def eval(self):
+        return self
+
+    def _feeds(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+               w: torch.Tensor | None) -> dict[str, np.ndarray]:
+        feeds = {"x": x.detach().float().cpu().numpy(),
+                 "t": t.detach().to(torch.int64).cpu().numpy()}
+        if "cond" in self.inputs:
+            if cond is None:
+                raise ValueError("this exported model is class-conditional: pass cond")
+            feeds["cond"] = cond.detach().to(torch.int64).cpu().numpy()
+        elif cond is not None:
+            raise ValueError("this exported model has no class input but class labels were given")
+        if "w" in self.inputs:  # a guidance-distilled student
+            if w is None:
+                raise ValueError("this exported model takes the guidance weight: pass w")
+            feeds["w"] = torch.as_tensor(w, dtype=torch.float32).expand(x.shape[0]).cpu().numpy()
+        elif w is not None:
+            raise ValueError("this exported model has no guidance input")
+        return feeds
+
+
+class OpenVinoNetwork(_GraphNetwork):
+    """An OpenVINO compiled model (CPU plugin) behind the network contract."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        ov = import_openvino()
+        try:
+            core = ov.Core()
+            self.compiled = core.compile_model(
+                core.read_model(str(path)), "CPU",
+                {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads()})
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
+            raise ConfigError(f"cannot load {path} in OpenVINO: {str(e).splitlines()[0][:300]}") from None
+        self.path, self.device = Path(path), torch.device("cpu")
+        self.inputs = [i.get_any_name() for i in self.compiled.inputs]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                 w: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.compiled(self._feeds(x, t, cond, w))[0]
+        return torch.from_numpy(np.array(out)).to(x.device)
+
+
+class OnnxNetwork(_GraphNetwork):
     """An ONNX Runtime session behind the network contract (CPU execution provider, or
     CUDA's when `device` is a CUDA device and onnxruntime-gpu is installed)."""
 
@@ -47,26 +106,18 @@ class OnnxNetwork:
             raise ConfigError(f"cannot load ONNX model {path}: {str(e).splitlines()[0][:300]}") from None
         self.path, self.device = Path(path), device
         self.inputs = [i.name for i in self.session.get_inputs()]
-        self.training = False
-
-    def eval(self) -> "OnnxNetwork":
-        return self
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
                  w: torch.Tensor | None = None) -> torch.Tensor:
-        feeds = {"x": x.detach().float().cpu().numpy(),
-                 "t": t.detach().to(torch.int64).cpu().numpy()}
-        if "cond" in self.inputs:
-            if cond is None:
-                raise ValueError("this exported model is class-conditional: pass cond")
-            feeds["cond"] = cond.detach().to(torch.int64).cpu().numpy()
-        elif cond is not None:
-            raise ValueError("this exported model has no class input but class labels were given")
-        if "w" in self.inputs:  # a guidance-distilled student
-            if w is None:
-                raise ValueError("this exported model takes the guidance weight: pass w")
-            feeds["w"] = torch.as_tensor(w, dtype=torch.float32).expand(x.shape[0]).cpu().numpy()
-        elif w is not None:
-            raise ValueError("this exported model has no guidance input")
-        (out,) = self.session.run(["out"], feeds)
+        (out,) = self.session.run(["out"], self._feeds(x, t, cond, w))
         return torch.from_numpy(np.asarray(out)).to(x.device)
+
+
+def load_graph(path: str | Path, engine: str = "onnxruntime",
+               device: torch.device = torch.device("cpu")) -> OnnxNetwork | OpenVinoNetwork:
+    """The exported graph at `path` in the named engine."""
+    if engine == "openvino":
+        return OpenVinoNetwork(path)
+    if engine != "onnxruntime":
+        raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    return OnnxNetwork(path, device)

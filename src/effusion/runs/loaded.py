@@ -25,7 +25,7 @@ from effusion.data import to_model_range
 from effusion.diffusion import GuidedDenoiser, NetworkDenoiser, Schedule, schedule_for
 from effusion.models import VAE, UNet, build_model, latent_size
 from effusion.models.cache import CachedUNet
-from effusion.models.exported import OnnxNetwork
+from effusion.models.exported import OnnxNetwork, OpenVinoNetwork, load_graph
 from effusion.models.pruned import shape_like
 from effusion.models.quantized import from_quantized_tensors
 from effusion.precision import Precision, bf16_supported, resolve_device, resolve_precision
@@ -165,7 +165,7 @@ class LoadedRun:
 
     run_dir: Path
     config: Config
-    model: UNet | OnnxNetwork
+    model: UNet | OnnxNetwork | OpenVinoNetwork
     schedule: Schedule
     step: int
     precision: Precision
@@ -270,10 +270,13 @@ def load_run(run_dir: str | Path, ema: bool = True, device: str = "auto",
 
 def _load_exported(run_dir: Path, cfg: Config, lineage: list[dict[str, Any]],
                    device: str) -> LoadedRun:
-    """An exported run: the graph runs in fp32 in its engine (the base run's EMA weights)."""
+    """An exported run: the graph runs in its engine (ONNX Runtime or OpenVINO, as the
+    export pass recorded), fp32 or int8 as exported, from the base run's EMA weights."""
     dev = resolve_device(str(device))
     vae = load_vae(cfg.model.vae, dev) if cfg.model.space == "latent" else None
-    return LoadedRun(run_dir, cfg, OnnxNetwork(run_dir / ONNX_MODEL, dev), schedule_for(cfg),
+    exports = [p for p in lineage if p.get("pass") == "export"]
+    engine = exports[-1].get("engine", "onnxruntime") if exports else "onnxruntime"
+    return LoadedRun(run_dir, cfg, load_graph(run_dir / ONNX_MODEL, engine, dev), schedule_for(cfg),
                      lineage_step(lineage), Precision(dev, "fp32"), vae, lineage)
 
 

@@ -1,13 +1,20 @@
 """The deployment chain against the default run, in one process: the untouched run at 25
-(default), 15 and 10 sampler steps, then the chain guidance distillation -> ONNX Runtime
-export -> 10 steps, each pass alone too; 1,000 (or --n) samples each, scored with
-`effusion evaluate`'s metrics. Writes the JSON keys issue 14 asks for.
+(default), 15 and 10 sampler steps, each pass alone, and the chains; 1,000 (or --n)
+samples each, scored with `effusion evaluate`'s metrics. Writes the JSON keys issue 14
+asks for (`baseline`, `chain`, `speedup`, `fid_ratio`, `frontier`, `frontier_speedup`).
 
-    python benchmarks/optimize_chain.py --run runs/demo [--n 500] [--minutes 5] [--work runs]
-        [--reuse] [--json benchmarks/results/optimize_chain.json]
+Passes made from RUN (in --work, named RUN-<suffix>):
+  -gd        guidance distillation (--minutes)
+  -gd-s4     + progressive step distillation 16 -> 8 -> 4 DDIM steps (--step-minutes)
+  -gd-p      guidance-distilled student pruned by Taylor importance (--prune-ratio,
+             --prune-minutes of distillation fine-tune)
+  -onnx, -gd-onnx, -gd-s4-onnx, -gd-p-onnx   ONNX Runtime exports
 
-With --reuse, pass outputs already in --work (RUN-gd, RUN-onnx, RUN-gd-onnx) are used as they
-are (their lineage says how they were made) instead of being made again.
+    python benchmarks/optimize_chain.py --run runs/demo [--n 500] [--reuse]
+        [--json benchmarks/results/optimize_chain.json]
+
+With --reuse, pass outputs already in --work are used as they are (their lineage says how
+they were made) instead of being made again.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from sampling_speedups import machine  # noqa: E402
 
 from effusion.evaluate import evaluate_run  # noqa: E402
 from effusion.optimize.export import export_run  # noqa: E402
-from effusion.recipes import distill_guidance, feature_classifier  # noqa: E402
+from effusion.recipes import distill_guidance, distill_steps, feature_classifier  # noqa: E402
 from effusion.runs import load_run, read_lineage  # noqa: E402
 
 
@@ -32,41 +39,62 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=Path("runs/demo"))
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--step-minutes", type=float, default=8.0)
+    ap.add_argument("--prune-ratio", type=float, default=0.3)
+    ap.add_argument("--prune-minutes", type=float, default=4.0)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--reuse", action="store_true")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/optimize_chain.json"))
     args = ap.parse_args()
     work = args.work or args.run.parent
-    gd, onnx, gd_onnx = (work / f"{args.run.name}{s}" for s in ("-gd", "-onnx", "-gd-onnx"))
 
+    def path(suffix: str) -> Path:
+        return work / f"{args.run.name}{suffix}"
+
+    def prune(src: Path, dst: Path):
+        from effusion.optimize.prune import prune_run
+        return prune_run(src, dst, ratio=args.prune_ratio, finetune_minutes=args.prune_minutes,
+                         fresh=True, progress=False)
+
+    passes = [("-gd", lambda d: distill_guidance(args.run, d, minutes=args.minutes, fresh=True,
+                                                 progress=False)),
+              ("-gd-s4", lambda d: distill_steps(path("-gd"), d, steps=4, from_steps=16,
+                                                 minutes=args.step_minutes, fresh=True,
+                                                 progress=False)),
+              ("-gd-p", lambda d: prune(path("-gd"), d)),
+              ("-onnx", lambda d: export_run(args.run, d)),
+              ("-gd-onnx", lambda d: export_run(path("-gd"), d)),
+              ("-gd-s4-onnx", lambda d: export_run(path("-gd-s4"), d)),
+              ("-gd-p-onnx", lambda d: export_run(path("-gd-p"), d))]
     pass_seconds = {}
-    for path, make in [(gd, lambda: distill_guidance(args.run, gd, minutes=args.minutes,
-                                                     fresh=True, progress=False)),
-                       (onnx, lambda: export_run(args.run, onnx)),
-                       (gd_onnx, lambda: export_run(gd, gd_onnx))]:
-        if not (args.reuse and path.is_dir()):
+    for suffix, make in passes:
+        if not (args.reuse and path(suffix).is_dir()):
             t0 = time.perf_counter()
-            make()
-            pass_seconds[path.name] = time.perf_counter() - t0
+            make(path(suffix))
+            pass_seconds[path(suffix).name] = time.perf_counter() - t0
 
     features = feature_classifier(load_run(args.run).config.data, progress=True)
-    calls = {"untouched": 2, "guidance-distilled": 1}  # images per network-call batch row
 
-    def score(label: str, path: Path, steps: int, kind: str) -> dict:
+    def score(label: str, run: Path, steps: int, guided_halves: int) -> dict:
         print(f"-- {label}", flush=True)
-        r = evaluate_run(path, args.n, steps=steps, bpd_n=0, features=features)
-        return {"variant": label, "run": str(path), "steps": steps,
-                "passes": read_lineage(path), "seconds_per_1000": r["sample_seconds"] * 1000 / args.n,
+        r = evaluate_run(run, args.n, steps=steps, bpd_n=0, features=features)
+        return {"variant": label, "run": str(run), "steps": steps, "sampler": r["sampler"],
+                "passes": read_lineage(run), "seconds_per_1000": r["sample_seconds"] * 1000 / args.n,
                 "fid": r["fid"], "class_accuracy": r.get("class_accuracy"), "recall": r["recall"],
                 "precision": r["precision"],
                 # guided: both halves in one batch, i.e. 2 network evaluations per sample per step
-                "network_calls_per_sample": steps * calls[kind]}
+                "network_calls_per_sample": steps * guided_halves}
 
-    rows = [score(f"untouched, {s} steps", args.run, s, "untouched") for s in (25, 15, 10)]
-    rows += [score("ONNX Runtime alone, 25 steps", onnx, 25, "untouched"),
-             score("guidance distillation alone, 25 steps", gd, 25, "guidance-distilled"),
-             score("chain: guidance distillation + ONNX Runtime + 10 steps", gd_onnx, 10,
-                   "guidance-distilled")]
+    rows = [score(f"untouched, {s} steps", args.run, s, 2) for s in (25, 15, 10)]
+    rows += [score("ONNX Runtime alone, 25 steps", path("-onnx"), 25, 2),
+             score("guidance distillation alone, 25 steps", path("-gd"), 25, 1),
+             score("guidance distillation + ONNX Runtime + 10 steps", path("-gd-onnx"), 10, 1),
+             score(f"guidance distillation + pruning {args.prune_ratio:.0%} + ONNX Runtime + 10 steps",
+                   path("-gd-p-onnx"), 10, 1),
+             score("guidance distillation + step distillation (4 DDIM steps), eager",
+                   path("-gd-s4"), 4, 1),
+             score("chain: guidance distillation + step distillation + ONNX Runtime, 4 steps",
+                   path("-gd-s4-onnx"), 4, 1)]
     base, chain = rows[0], rows[-1]
     for r in rows:
         r["speedup"] = base["seconds_per_1000"] / r["seconds_per_1000"]

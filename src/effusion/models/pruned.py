@@ -1,16 +1,25 @@
 """A network whose layers were narrowed by structured channel pruning, rebuilt from its
 weights: a pruned U-Net's widths differ layer by layer, so its config alone cannot
 describe it. `shape_like` resizes the layers of a freshly built network to the shapes of
-a state dict (a pruned run's checkpoint); what the config fixes (GroupNorm group counts,
-attention heads, kernel sizes, strides) stays as built.
+a state dict (a pruned run's checkpoint); what the config fixes (attention heads, kernel sizes,
+strides) stays as built, and a GroupNorm keeps its group count unless its new width
+needs fewer (`group_count`, applied the same way when pruning).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
 
 from effusion.config import ConfigError
+
+
+def group_count(groups: int, channels: int) -> int:
+    """The GroupNorm group count for `channels` after pruning: the configured `groups`
+    if it divides them, else the largest count that divides both."""
+    return math.gcd(groups, channels)
 
 
 def _resized(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> nn.Module | None:
@@ -26,10 +35,8 @@ def _resized(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> 
     if isinstance(module, nn.Linear) and w.dim() == 2:
         return nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
     if isinstance(module, nn.GroupNorm) and w.dim() == 1:
-        if w.shape[0] % module.num_groups:
-            raise ConfigError(f"{name}: {w.shape[0]} channels do not split into "
-                              f"{module.num_groups} GroupNorm groups")
-        return nn.GroupNorm(module.num_groups, w.shape[0], module.eps, module.affine)
+        return nn.GroupNorm(group_count(module.num_groups, w.shape[0]), w.shape[0], module.eps,
+                            module.affine)
     if isinstance(module, nn.Embedding) and w.dim() == 2:
         return nn.Embedding(w.shape[0], w.shape[1])
     raise ConfigError(f"{name}: cannot resize a {type(module).__name__} from "

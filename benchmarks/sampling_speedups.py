@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,19 +28,10 @@ from effusion.runs import load_run
 
 
 def machine() -> dict:
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-        model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                      .splitlines() if ln.startswith("model name")), platform.processor())
-    except OSError:
-        model = platform.processor()
-    return {"cpu": model, "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags,
-            "avx2": "avx2" in flags, "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    """The CPU and torch the figures come from (one definition: effusion.optimize.report)."""
+    from effusion.optimize.report import machine as report_machine
+
+    return report_machine()
 
 
 def net_latency_ms(net, run, batch: int, repeats: int = 10) -> float:

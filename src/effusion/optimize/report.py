@@ -41,14 +41,16 @@ COLD_START = ("import sys; from effusion.runs import load_run; from effusion.sam
 
 
 def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    flags = ""
+    """What the figures were measured on: CPU model and flags, threads, torch."""
+    flags, model = "", platform.processor()
     try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0]
-    except (OSError, IndexError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next((ln for ln in lines if ln.startswith("flags")), "")
+        model = next((ln.split(":", 1)[1].strip() for ln in lines
+                      if ln.startswith("model name")), model)
+    except OSError:
         pass
-    return {"cpu": platform.processor() or platform.machine(),
-            "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags,
+    return {"cpu": model, "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags,
             "avx2": "avx2" in flags, "bf16_fast": bf16_supported(torch.device("cpu")),
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 

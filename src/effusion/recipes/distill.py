@@ -326,8 +326,10 @@ def distill_steps(run_dir: str | Path, out_dir: str | Path, *, steps: int = 4,
     per_round = minutes / len(schedule_n)
     rounds_path = out_dir / ROUNDS_FILE
     done: list[dict[str, Any]] = []
+    current = None  # the round a resumed run was in
     if resume and rounds_path.is_file():
-        done = json.loads(rounds_path.read_text())["rounds"]
+        recorded = json.loads(rounds_path.read_text())
+        done, current = recorded["rounds"], recorded.get("current")
     result: TrainResult | None = None
     if not resume:
         prepare_run_dir(out_dir, resume=False, fresh=fresh)  # a trained --out needs --fresh
@@ -350,8 +352,7 @@ def distill_steps(run_dir: str | Path, out_dir: str | Path, *, steps: int = 4,
             "pass": "distill-steps", "base": str(run_dir.resolve()), "step": base.step,
             "from_steps": from_steps, "steps": n, "rounds": [r["steps"] for r in done] + [n],
             "minutes": minutes, **({"guidance_range": list(w_range)} if w_range else {})}]
-        resuming = resume and rounds_path.is_file() and (out_dir / "checkpoints").is_dir() \
-            and json.loads(rounds_path.read_text()).get("current") == n
+        resuming = resume and current == n and (out_dir / "checkpoints").is_dir()
         if not resuming:
             atomic_write(rounds_path, json.dumps({"rounds": done, "current": n}))
         # fresh: the last round's student is already in memory as this round's teacher

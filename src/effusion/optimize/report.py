@@ -99,9 +99,9 @@ def step_latency_ms(run: LoadedRun, batch: int, repeats: int = 5) -> float:
     """Median time of one sampler step (the run's Denoiser, guidance included) at `batch`."""
     den = run.denoiser()
     x, t, *rest = example_inputs(run, batch)
-    cond = rest[0].clamp(max=run.num_classes - 1) if rest and run.num_classes else None
-    return latency_ms(den, x.to(run.precision.device), t.to(run.precision.device), cond,
-                      repeats=repeats)
+    dev = run.precision.device
+    cond = rest[0].clamp(max=run.num_classes - 1).to(dev) if rest and run.num_classes else None
+    return latency_ms(den, x.to(dev), t.to(dev), cond, repeats=repeats)
 
 
 def describe_variant(run: LoadedRun) -> str:

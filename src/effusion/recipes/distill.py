@@ -93,6 +93,7 @@ class DistillTask(DiffusionTask):
     def __init__(self, ctx: TaskContext, teacher: Teacher, w_range: tuple[float, float] | None,
                  data_weight: float = 0.0, steps: int | None = None, vae=None):
         super().__init__(ctx, vae)
+        teacher.model.to(self.prec.device)  # loaded wherever its run was; used where we train
         self.teacher, self.w_range, self.data_weight = teacher, w_range, data_weight
         self.steps = steps
         if steps is not None:
@@ -150,7 +151,7 @@ class DistillTask(DiffusionTask):
             if i is None:
                 tgt = self.teacher(x_t, t_dev, cond, w)
             else:
-                tgt = self._step_target(x_t.float(), t_dev, i.to(dev), cond, w)
+                tgt = self._step_target(x_t.float(), t_dev, i, cond, w)
             out = model(x_t, t_dev, cond, **({"w": w} if w is not None else {}))
         err = ((out.float() - tgt.float()) ** 2).mean(dim=(1, 2, 3))
         if i is None:

@@ -109,13 +109,18 @@ def test_info_json(trained_run):
     assert r.exit_code == 0 and "step:        3" in r.output
 
 
-def test_train_again_without_resume_exits_2(trained_run):
+def test_the_same_command_resumes_and_resume_is_one_rule(trained_run, tmp_path):
     r = CliRunner().invoke(app, ["train", "--run", str(trained_run), "--quiet", *_set_args()])
-    assert r.exit_code == 2
-    assert "already holds a trained run" in r.output and "Traceback" not in r.output
-    r = CliRunner().invoke(app, ["train", "--run", str(trained_run), "--resume",
-                                 "--config", "whatever.yaml"])
-    assert r.exit_code == 2 and "drop --config" in r.output
+    assert r.exit_code == 0 and "resuming" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["train", "--run", str(trained_run), "--quiet", *_set_args(),
+                                 "--set", "model.channels=16"])
+    assert r.exit_code == 2 and "another config (model.channels" in r.output
+    # --resume with options that build another config: the same error in every command
+    for argv in (["train", "--run", str(trained_run), "--resume", "--config", "whatever.yaml"],
+                 ["classifier", "train", "--run", str(tmp_path / "c"), "--resume", "--arch", "mlp"],
+                 ["vae", "train", "--run", str(tmp_path / "v"), "--resume", "--kl-weight", "0.1"]):
+        r = CliRunner().invoke(app, argv)
+        assert r.exit_code == 2 and "--resume uses the run's own config.yaml; drop --" in r.output, argv
 
 
 def test_sample_missing_run_exits_2(tmp_path):
@@ -220,9 +225,9 @@ def test_classifier_resume_keeps_the_runs_config(cli_classifier, tmp_path):
 
     run = tmp_path / "clf"
     shutil.copytree(cli_classifier, run)
-    # Flags other than --set are ignored on resume: the run continues as it was configured.
+    # --resume continues the run as it was configured; only --set changes it.
     result = CliRunner().invoke(app, ["classifier", "train", "--run", str(run), "--resume",
-                                      "--arch", "cnn", "--quiet", "--set", "train.epochs=2"])
+                                      "--quiet", "--set", "train.epochs=2"])
     assert result.exit_code == 0, result.output
     cfg = read_config(run)
     assert cfg.model.arch == "mlp" and cfg.train.optimizer == "rmsprop" and cfg.train.epochs == 2

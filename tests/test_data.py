@@ -155,11 +155,14 @@ def test_folder_without_subfolders_has_no_labels(tmp_path):
     assert d.images[:, 0, 4, 4].tolist() == [0, 100, 200]
 
 
-def test_folder_corrupt_file_is_skipped_with_a_warning(tmp_path):
+def test_folder_corrupt_file_is_an_error_unless_skipping_is_asked(tmp_path):
     _png(tmp_path / "good.png", (10, 20, 30))
     (tmp_path / "x.png").write_bytes(b"\x89PNG garbage garbage garbage")
+    with pytest.raises(DataError, match=r"1 unreadable image file.*x\.png \(not an image\).*skip_bad_images"):
+        load_source(DataConfig(source=f"folder:{tmp_path}", image_size=8, channels=3))
     with pytest.warns(UserWarning, match="skipped 1 unreadable image file.*x.png"):
-        d = load_source(DataConfig(source=f"folder:{tmp_path}", image_size=8, channels=3))
+        d = load_source(DataConfig(source=f"folder:{tmp_path}", image_size=8, channels=3,
+                                   skip_bad_images=True))
     assert len(d) == 1
 
 

@@ -58,6 +58,19 @@ def test_kid_of_two_halves_of_the_real_data_is_zero_within_std(scorer):
     assert abs(mean) <= 2 * std
 
 
+def test_the_floor_and_the_samples_share_one_reference(scorer):
+    """Scoring the floor's own real images as if they were samples gives exactly the
+    floor: both are measured against the same reference set (the rest of the real data)."""
+    from effusion.evaluate.evaluate import floor_split
+
+    pick, rest = floor_split(scorer, 300)
+    assert len(pick) == 300 and len(set(pick.tolist()) & set(rest.tolist())) == 0
+    r = evaluate_images(scorer.real_images[pick], "mnist5k", features=scorer.classifier,
+                        labels=scorer.real_labels[pick])
+    for key in ("fid", "precision", "recall", "coverage", "class_accuracy"):
+        assert r[key] == pytest.approx(r["real_floor"][key]), key
+
+
 def test_evaluate_images_scores_real_data_near_the_floor(scorer, tmp_path):
     x = real_subset(scorer, 500, seed=5)
     path = tmp_path / "real.npy"

@@ -115,28 +115,96 @@ def test_training_lowers_the_loss(run_dir, make_cfg):
     assert res.grid is not None and res.grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_run_directory_rules(run_dir, make_cfg):
+def test_run_directory_rules(run_dir, make_cfg, capsys):
     cfg = make_cfg("train.max_steps=2")
-    with pytest.raises(CheckpointError, match="no checkpoint found"):
-        train(cfg, run_dir, resume=True, progress=False)
     with pytest.raises(ConfigError, match="cannot be used together"):
         train(cfg, run_dir, resume=True, fresh=True, progress=False)
-    first = train(cfg, run_dir, progress=False)
+    # --resume on a run dir without a checkpoint (killed before its first one) starts it
+    first = train(cfg, run_dir, resume=True, progress=False)
+    assert "no checkpoint in" in capsys.readouterr().out
     w1 = _weights(run_dir / "checkpoints" / "step-0000002" / "model.safetensors")
-    with pytest.raises(CheckpointError, match="--resume .* --fresh"):
-        train(cfg, run_dir, progress=False)
-    # resume at max_steps does no extra work and keeps the checkpoint
-    again = train(cfg, run_dir, resume=True, progress=False)
+    # the same command again resumes (here: already at max_steps, so no extra work)
+    again = train(cfg, run_dir, progress=False)
     assert again.step == first.step == 2
+    assert "resuming" in capsys.readouterr().out
+    # a changed config is refused, naming what changed and the ways out
+    with pytest.raises(CheckpointError, match=r"train.lr: 0.002 in the run, 0.001 now.*--fresh"):
+        train(make_cfg("train.max_steps=2", "train.lr=1e-3"), run_dir, progress=False)
+    with pytest.raises(CheckpointError, match=r"model.channels"):
+        train(make_cfg("train.max_steps=2", "model.channels=16"), run_dir, resume=True,
+              progress=False)
     # --fresh starts over; training is deterministic, so it lands on the same weights
     train(cfg, run_dir, fresh=True, progress=False)
     w2 = _weights(run_dir / "checkpoints" / "step-0000002" / "model.safetensors")
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
-    # resume may extend the run
-    more = train(make_cfg("train.max_steps=3"), run_dir, resume=True, progress=False)
+    # the same command may extend the run's budget
+    more = train(make_cfg("train.max_steps=3"), run_dir, progress=False)
     assert more.step == 3
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-0000002", "step-0000003"]
+    # --resume (the run's own config + --set) may change training hyper-parameters
+    lr = train(make_cfg("train.max_steps=4", "train.lr=1e-3"), run_dir, resume=True, progress=False)
+    assert lr.step == 4 and "train.lr 0.002 -> 0.001" in capsys.readouterr().out
+
+
+def test_corrupt_checkpoint_is_skipped_with_a_warning(run_dir, make_cfg, capsys):
+    cfg = make_cfg("train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3")
+    train(cfg, run_dir, progress=False)
+    ref = _weights(run_dir / "checkpoints" / "step-0000004" / "model.safetensors")
+    bad = run_dir / "checkpoints" / "step-0000004" / "ema.safetensors"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # cut in half
+    capsys.readouterr()
+    result = train(cfg, run_dir, progress=False)  # resumes from step 2, redoes 3 and 4
+    out, err = capsys.readouterr()
+    assert "warning" in err and "step-0000004" in err and "skipped" in err
+    assert "resuming" in out and "step-0000002" in out
+    assert result.step == 4
+    new = _weights(run_dir / "checkpoints" / "step-0000004" / "model.safetensors")
+    assert all(torch.equal(ref[k], new[k]) for k in ref)  # exact, as if never broken
+    # every checkpoint corrupt: a clear error, nothing deleted
+    before = list_checkpoints(run_dir)
+    for ck in before:
+        (ck / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="every checkpoint .* corrupt"):
+        train(cfg, run_dir, progress=False)
+    assert list_checkpoints(run_dir) == before
+
+
+def test_time_budget_becomes_a_recorded_step_plan_and_resume_is_exact(run_dir, tmp_path,
+                                                                      make_cfg, monkeypatch):
+    """max_minutes is planned into train.budget_steps at step PLAN_AT; the LR follows steps
+    only, so pinning the plan reproduces the run, also across an interruption."""
+    import effusion.train.loop as loop
+    from effusion.runs import read_config
+
+    budget = ["train.max_minutes=0.04", "train.checkpoint_every=7", "train.max_steps=100000"]
+    a = train(make_cfg(*budget), run_dir, progress=False)
+    planned = read_config(run_dir).train.budget_steps
+    assert planned >= loop.PLAN_AT and a.step == planned
+    assert any(m.get("budget_steps") == planned for m in read_metrics(run_dir))
+    lrs = {m["step"]: m["lr"] for m in read_metrics(run_dir) if "lr" in m}
+    # the same plan, pinned, in a run interrupted half-way and resumed by the same command
+    pinned = make_cfg(*budget, f"train.budget_steps={planned}")
+    real_step, calls = loop.train_step, {"n": 0}
+
+    def flaky(state, task, tc):
+        calls["n"] += 1
+        if calls["n"] == planned // 2:
+            raise KeyboardInterrupt
+        return real_step(state, task, tc)
+
+    monkeypatch.setattr(loop, "train_step", flaky)
+    monkeypatch.setattr(loop, "TIME_GUARD", 1000.0)  # a busy machine must not cut run b short
+    b_dir = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train(pinned, b_dir, progress=False)
+    monkeypatch.setattr(loop, "train_step", real_step)
+    b = train(pinned, b_dir, progress=False)
+    assert b.step == planned and read_config(b_dir).train.budget_steps == planned
+    wa = _weights(run_dir / "checkpoints" / f"step-{planned:07d}" / "model.safetensors")
+    wb = _weights(b_dir / "checkpoints" / f"step-{planned:07d}" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert {m["step"]: m["lr"] for m in read_metrics(b_dir) if "lr" in m} == lrs
 
 
 def test_labels_required_for_class_conditional_model(tmp_path, make_cfg):

@@ -170,6 +170,23 @@ def test_latent_run_with_augmentation_encodes_on_the_fly(tmp_path, vae_run, monk
     assert read_config(tmp_path / "aug").model.space == "latent"
 
 
+def test_augmented_latent_run_encodes_even_when_latents_have_the_datas_channels(tmp_path, monkeypatch):
+    """With vae.latent_channels == data.channels a batch's channel count cannot tell pixels
+    from latents: augmented pixel batches must still be encoded (never fed raw)."""
+    from effusion.config import load_config
+    from effusion.recipes import train as train_fn
+    from effusion.runs import LoadedVAE
+
+    vae, _ = _vae_run(tmp_path, "train.max_steps=3", "vae.latent_channels=1", name="vae1")
+    calls = []
+    real = LoadedVAE.encode
+    monkeypatch.setattr(LoadedVAE, "encode", lambda self, x, **k: calls.append(x.shape) or real(self, x, **k))
+    cfg = load_config(None, LATENT_TINY + ["model.space=latent", f"model.vae={vae}",
+                                           "data.translate=2", "model.num_classes=0"])
+    train_fn(cfg, tmp_path / "aug1", progress=False)
+    assert calls == [(16, 1, 16, 16)] * 4
+
+
 def test_latent_errors_are_clear(tmp_path, vae_run, make_cfg):
     runner = CliRunner()
     with pytest.raises(ConfigError, match="model.space=latent needs model.vae"):

@@ -16,20 +16,41 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train diffusion models fast on the hardware you have.")
 
 
+_JSON_STDOUT = sys.stdout
+
+
+def emit_json(obj: object, indent: int | None = None) -> None:
+    """Print the one JSON document of a --json command to the real stdout."""
+    _JSON_STDOUT.write(json.dumps(obj, indent=indent) + "\n")
+    _JSON_STDOUT.flush()
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn user errors (bad config, missing files, corrupt checkpoints) into exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import contextlib
+
         from effusion.train.loop import TrainingError
 
+        global _JSON_STDOUT
+        # --json: stdout carries exactly one JSON document (emit_json); every log line,
+        # progress bar or first-use training message goes to stderr meanwhile.
+        quiet = contextlib.redirect_stdout(sys.stderr) if kwargs.get("as_json") else contextlib.nullcontext()
+        _JSON_STDOUT = sys.stdout
         try:
-            return fn(*args, **kwargs)
+            with quiet:
+                return fn(*args, **kwargs)
         except ConfigError as e:  # DataError and CheckpointError are ConfigErrors too
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
         except TrainingError as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+        except OSError as e:  # the machine, not the input: a full disk, a vanished folder
+            where = f" {e.filename}" if e.filename else ""
+            typer.echo(f"error: cannot read or write{where}: {e.strerror or e}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
@@ -37,11 +58,18 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _resumed_config(run: Path, set_: list[str]):
-    """A resumed run continues with its own config.yaml; only --set may change it."""
+def _resumed_config(run: Path, set_: list[str], given: dict[str, object]):
+    """`--resume` continues a run with its own config.yaml; only --set may change it, and
+    options that would build another config are an error (the same rule in every command).
+    `given` maps each such option to its value (None when not given)."""
     from effusion.config import config_from_dict, parse_overrides
     from effusion.runs import read_config
 
+    named = [opt for opt, v in given.items() if v is not None]
+    if named:
+        raise ConfigError(f"--resume uses the run's own config.yaml; drop {', '.join(named)} "
+                          "(--set may still change e.g. train.max_steps), or leave out --resume: "
+                          "the same command that started a run resumes it")
     return config_from_dict(parse_overrides(set_), read_config(run))
 
 
@@ -51,7 +79,7 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. train.lr=3e-4."),
     run: Path = typer.Option(Path("runs/default"), "--run", help="Run directory to write."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue with the run's own config.yaml (--set may change training values). Without it, the same command resumes a run of the same config."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete this run's old checkpoints first."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="Latent diffusion: the run directory "
@@ -61,15 +89,15 @@ def train(
     from effusion.config import load_config
     from effusion.recipes import train as train_fn
 
-    if resume and (config is not None or vae is not None):
-        raise ConfigError("--resume uses the run's own config.yaml; drop --config and --vae "
-                          "(--set may still change e.g. train.max_steps)")
+    if resume:
+        cfg = _resumed_config(run, set_, {"--config": config, "--vae": vae})
     if vae is not None:
         from effusion.runs import load_vae
 
         load_vae(vae)  # fail now, with a clear message, if it is not a finished VAE run
         set_ = ["model.space=latent", f"model.vae={vae.resolve()}"] + list(set_)
-    cfg = _resumed_config(run, set_) if resume else load_config(config, set_)
+    if not resume:
+        cfg = load_config(config, set_)
     result = train_fn(cfg, run, resume=resume, fresh=fresh, progress=not quiet)
     typer.echo(f"trained {result.step} steps ({result.images_seen} images) in "
                f"{result.minutes:.1f} min; last loss {result.loss:.4f}")
@@ -98,11 +126,16 @@ def sample(
     """Draw samples from a trained run and save them as a PNG grid (and .npy)."""
     import time
 
-    from effusion.data.images import save_grid, save_npy
+    from effusion.data.images import check_writable, save_grid, save_npy
     from effusion.runs import load_run
     from effusion.sampling import class_labels, generate
 
+    if n < 1:
+        raise ConfigError(f"--n must be >= 1, got {n}")
     loaded = load_run(run, ema=ema, device=device, precision=precision)
+    out = check_writable(out or run / "samples.png")  # fail before sampling, not after
+    if npy is not None:
+        check_writable(npy)
     if classes is not None and not loaded.num_classes:
         raise ConfigError("--class needs a class-conditional run (model.num_classes > 0)")
     cond = class_labels(classes, n, loaded.num_classes) if loaded.num_classes else None
@@ -110,7 +143,6 @@ def sample(
     images = generate(loaded, n, sampler=sampler, steps=steps, seed=seed, eta=eta, cond=cond,
                       guidance=guidance, cache_interval=cache_interval)
     dt = time.perf_counter() - t0
-    out = out or run / "samples.png"
     nrow = 10 if n % 10 == 0 and n >= 50 else None
     save_grid(images, out, nrow=nrow)
     typer.echo(f"{n} samples from step {loaded.step} in {dt:.1f}s -> {out}")
@@ -122,16 +154,32 @@ def sample(
 @app.command()
 @user_errors
 def info(
-    run: Path = typer.Option(..., "--run", help="Run directory."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory."),
+    hardware: bool = typer.Option(False, "--hardware", help="Show this machine instead: CPU flags, "
+                                  "the ISA PyTorch uses, GPUs, and which precision `auto` picks and why."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Show a run's config, checkpoints, parameter count and last metrics."""
+    """Show a run's config, checkpoints, parameter count and last metrics (or, with
+    --hardware, what this machine offers)."""
     from effusion.runs import describe
+
+    if hardware:
+        from effusion.precision import hardware as machine
+
+        hw = machine()
+        if as_json:
+            emit_json(hw, indent=1)
+            return
+        for k, v in hw.items():
+            typer.echo(f"{k:16s} {v}")
+        return
+    if run is None:
+        raise ConfigError("effusion info needs --run RUN_DIR (or --hardware)")
 
     ri = describe(run)
     summary = ri.as_dict()
     if as_json:
-        typer.echo(json.dumps(summary, indent=1))
+        emit_json(summary, indent=1)
         return
     typer.echo(f"run:         {run}  ({ri.kind})")
     typer.echo(f"params:      {ri.params:,}")
@@ -169,7 +217,7 @@ def classifier_train(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Default 15."),
     set_: list[str] = typer.Option([], "--set", help="Any other config value, e.g. train.batch_size=128."),
     run: Path = typer.Option(Path("runs/classifier"), "--run", help="Run directory to write."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue with the run's own config.yaml (--set may change training values). Without it, the same command resumes a run of the same config."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete this run's old checkpoints first."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -191,8 +239,11 @@ def classifier_train(
         overrides += ["data.hflip=false", "data.rotate=0", "data.translate=0"]
         overrides += [AUGMENTATIONS[a] for a in augs]
     overrides += list(set_)
-    # A resumed run keeps its own config (flags given with --resume are ignored; --set applies).
-    cfg = _resumed_config(run, set_) if resume else classifier_config(overrides)
+    given = {"--arch": arch, "--optimizer": optimizer, "--lr": lr, "--lr-schedule": lr_schedule,
+             "--step-every": step_every, "--gamma": gamma, "--dropout": dropout,
+             "--weight-decay": weight_decay, "--epochs": epochs, "--augment": augment,
+             "--data": None if data == "mnist5k" else data}
+    cfg = _resumed_config(run, set_, given) if resume else classifier_config(overrides)
     result = train_fn(cfg, run, resume=resume, fresh=fresh, progress=not quiet)
     from effusion.runs import read_metrics
 
@@ -212,7 +263,7 @@ def classifier_distill(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Default: the teacher's."),
     set_: list[str] = typer.Option([], "--set", help="Any other config value, e.g. train.lr=1e-3."),
     run: Path = typer.Option(..., "--run", help="Run directory for the student."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint, also with changed training values (without it, the same command resumes anyway)."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the student's old checkpoints first."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -242,7 +293,7 @@ def classifier_quantize(
 
     r = quantize_classifier(run, out)
     if as_json:
-        typer.echo(json.dumps(r))
+        emit_json(r)
         return
     typer.echo("| | fp32 | int8 |\n|---|---|---|")
     typer.echo(f"| model bytes | {r['bytes_fp32']:,} | {r['bytes_int8']:,} |")
@@ -295,7 +346,7 @@ def evaluate(
     else:
         r = evaluate_images(arr, data, features=clf)
     if as_json:
-        typer.echo(json.dumps(r))
+        emit_json(r)
         return
     floor = r["real_floor"]
     typer.echo(f"| metric | {'samples' if run else images.name} (n={r['n']}) | "
@@ -341,7 +392,7 @@ def _guidance_sweep(run: Optional[Path], spec: str, n: int, sampler: Optional[st
     r = guidance_sweep(run, weights, n, sampler=sampler, steps=steps, seed=seed,
                        features=features, ema=ema, device=device, progress=not as_json)
     if as_json:
-        typer.echo(json.dumps(r))
+        emit_json(r)
         return
     typer.echo("| guidance | class accuracy | FID | KID | precision | recall | coverage |")
     typer.echo("|---|---|---|---|---|---|---|")
@@ -372,7 +423,7 @@ def optimize_export(
 
     r = export_run(run, out, fmt, int8=int8, calib_batches=calib_batches)
     if as_json:
-        typer.echo(json.dumps(r))
+        emit_json(r)
         return
     typer.echo(f"exported {run} -> {out / 'model.onnx'} ({r['bytes']:,} bytes); max abs "
                f"difference to eager fp32: {r['max_abs_diff_fp32']:.2e}")
@@ -393,7 +444,7 @@ def optimize_distill_guidance(
     guidance_range: str = typer.Option("1,3", "--guidance-range", help="Weights the student learns, lo,hi."),
     minutes: float = typer.Option(5.0, "--minutes", help="Training budget (wall time)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. train.lr=1e-4."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint, also with changed training values (without it, the same command resumes anyway)."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the student's old checkpoints first."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -456,7 +507,7 @@ def optimize_distill_student(
     minutes: float = typer.Option(5.0, "--minutes", help="Training budget (wall time)."),
     data_weight: float = typer.Option(0.0, "--data-weight", help="Weight of the plain denoising loss added to the teacher's."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. train.lr=1e-3."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint, also with changed training values (without it, the same command resumes anyway)."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the student's old checkpoints first."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -498,7 +549,7 @@ def optimize_prune(
                      finetune_minutes=finetune_minutes, batches=batches, data_weight=data_weight,
                      overrides=set_, resume=resume, fresh=fresh, progress=not quiet and not as_json)
     if as_json:
-        typer.echo(json.dumps(r))
+        emit_json(r)
         return
     b, a = r["before"], r["after"]
     typer.echo(f"pruned {run} -> {out} ({importance}, ratio {ratio}); fine-tuned "
@@ -529,7 +580,7 @@ def optimize_report(
     features = features or _feature_classifier(load_run(runs[0]).config.data, as_json)
     r = report_runs(runs, n, out=out, cold_start=cold_start, features=features)
     if as_json:
-        typer.echo(json.dumps(r))
+        emit_json(r)
         return
     typer.echo(table(r))
     typer.echo(f"wrote {out} and {out.with_suffix('.png')}")
@@ -554,7 +605,7 @@ def vae_train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
     set_: list[str] = typer.Option([], "--set", help="Any other config value, e.g. train.max_minutes=10."),
     run: Path = typer.Option(Path("runs/vae"), "--run", help="Run directory to write."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue with the run's own config.yaml (--set may change training values). Without it, the same command resumes a run of the same config."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete this run's old checkpoints first."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -568,7 +619,9 @@ def vae_train(
              "vae.recon": recon, "vae.kl_weight": kl_weight, "vae.feature_weight": feature_weight}
     overrides = [f"data.source={data}"] + [f"{k}={v}" for k, v in flags.items() if v is not None]
     overrides += list(set_)
-    cfg = _resumed_config(run, set_) if resume else vae_config(overrides, config)
+    given = {f"--{k.split('.')[1].replace('_', '-')}": v for k, v in flags.items()}
+    given.update({"--config": config, "--data": None if data == "mnist5k" else data})
+    cfg = _resumed_config(run, set_, given) if resume else vae_config(overrides, config)
     if cfg.model.arch != "vae":
         raise ConfigError(f"effusion vae train needs model.arch=vae, got {cfg.model.arch}")
     result = train_fn(cfg, run, resume=resume, fresh=fresh, progress=not quiet)
@@ -609,7 +662,7 @@ def bench_train(
                        overrides=set_, progress=not as_json)
     paths = write(result, out)
     if as_json:
-        typer.echo(paths["json"].read_text())
+        emit_json(json.loads(paths["json"].read_text()), indent=1)
         return
     typer.echo(markdown(result))
     typer.echo(f"wrote {paths['markdown']}, {paths['json']} and {paths['png']}")

@@ -8,6 +8,7 @@ choices, so the CLI can print one line instead of a traceback.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class DataConfig:
     rotate: float = 0.0  # max random rotation in degrees
     translate: int = 0  # max random shift in pixels (reflect-padded random crop)
     val_fraction: float = 0.1  # held out from training (fixed split): validation, bits/dim
+    skip_bad_images: bool = False  # folder: an unreadable image file is an error unless true
 
 
 @dataclass
@@ -89,6 +91,11 @@ class TrainConfig:
     max_steps: int = 100_000  # whichever of max_steps / max_minutes / epochs comes first ends training
     epochs: int = 0  # passes over the training split; 0 = no epoch limit
     max_minutes: float = 11.0  # wall-clock training budget; 0 = no budget
+    # The step count max_minutes stands for, measured once at the start of a run (throughput
+    # over its first steps) and recorded here, so the LR schedule and the end follow steps
+    # only: a resumed or busy run ends exactly where it would have. 0 = plan at the start;
+    # set it to reproduce a run's plan exactly.
+    budget_steps: int = 0
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     cond_drop: float = 0.1  # class-conditional models: share of labels replaced by the null class
     ema_decay: float = 0.999
@@ -214,8 +221,10 @@ def config_from_dict(d: dict[str, Any] | None, base: Config | None = None) -> Co
         updates = {}
         for k, v in values.items():
             if k not in types_:
+                near = difflib.get_close_matches(str(k), list(types_), n=1, cutoff=0.6)
+                hint = f"did you mean {sec_name}.{near[0]}? " if near else ""
                 raise ConfigError(
-                    f"unknown config key {sec_name}.{k}; valid keys in {sec_name}: "
+                    f"unknown config key {sec_name}.{k}; {hint}valid keys in {sec_name}: "
                     f"{', '.join(types_)}"
                 )
             updates[k] = _coerce(v, types_[k], f"{sec_name}.{k}")
@@ -291,6 +300,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
         (cfg.train.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no time budget)"),
+        (cfg.train.budget_steps >= 0, "train.budget_steps must be >= 0 (0 = planned from "
+         "train.max_minutes at the start)"),
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),

@@ -53,6 +53,76 @@ def resolve_precision(precision: str, device: torch.device) -> Resolved:
     return precision  # type: ignore[return-value]
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def hardware() -> dict:
+    """What this machine offers effusion: CPU model and the flags that decide precision,
+    the ISA PyTorch dispatches to (and any environment cap on it), threads, GPUs, and what
+    `precision: auto` picks here and why. `effusion info --hardware` prints it; benchmarks
+    record it beside their figures."""
+    import os
+    import platform
+
+    flags = cpu_flags()
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                         model)
+    except OSError:
+        pass
+    device = resolve_device("auto")
+    caps = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older torch
+        isa = "unknown"
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
+    return {"cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "torch_cpu_isa": isa, "env_caps": caps,
+            "bf16_fast": bf16_supported(torch.device("cpu")), "torch": torch.__version__,
+            "gpus": gpus, "device_auto": str(device),
+            "precision_auto": resolve_precision("auto", device),
+            "precision_reason": precision_reason("auto", device)}
+
+
+def precision_reason(requested: str, device: torch.device) -> str:
+    """One line: which precision `requested` resolves to on `device`, and why."""
+    chosen = resolve_precision(requested, device)
+    if requested != "auto":
+        return f"{chosen}: asked for in train.precision"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return (f"bf16: auto, {name} has bf16 tensor cores" if chosen == "bf16"
+                else f"fp32: auto, {name} has no bf16 support")
+    flags = cpu_flags()
+    native = sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16"))
+    if chosen == "bf16":
+        return f"bf16: auto, this CPU has native bf16 ({', '.join(native) or 'oneDNN reports it'})"
+    if native:  # the instructions exist, but oneDNN was told not to use them
+        import os
+
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+        return (f"fp32: auto, the CPU has {', '.join(native)} but oneDNN reports no fast bf16"
+                + (f" (ONEDNN_MAX_CPU_ISA={cap})" if cap else ""))
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return (f"fp32: auto, this CPU ({isa}) has no native bf16 instructions (avx512_bf16 / amx_bf16), "
+            "where bf16 would be emulated and slower than fp32")
+
+
 @dataclass
 class Precision:
     """How the forward pass runs and whether gradients are scaled."""

@@ -97,14 +97,54 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             f"{path}: 'images' must be N x H x W or N x H x W x C (C in 1, 3, 4), got shape {x.shape}"
         )
     if x.dtype != np.uint8:
-        raise DataError(f"{path}: 'images' must be uint8 (0..255), got {x.dtype}")
+        detail = ""
+        if np.issubdtype(x.dtype, np.floating):
+            n_nan, n_inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+            if n_nan or n_inf:
+                detail = f" holding {n_nan} NaN and {n_inf} Inf values"
+        raise DataError(f"{path}: 'images' must be uint8 (0..255), got {x.dtype}{detail}; "
+                        "convert with np.clip(np.nan_to_num(x) * 255, 0, 255).astype(np.uint8) "
+                        "for floats in [0, 1]")
     if y is not None and (y.ndim != 1 or len(y) != len(x)):
         raise DataError(f"{path}: 'labels' must be a 1-D array of length {len(x)}, got {y.shape}")
+    if y is not None:
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{path}: 'labels' must be integers (class indices), got {y.dtype}")
+        if len(y) and y.min() < 0:
+            raise DataError(f"{path}: 'labels' must be class indices >= 0, found {int(y.min())} "
+                            f"(at index {int(np.argmin(y))})")
     return x, (None if y is None else y.astype(np.int64))
 
 
-def _load_folder(path: Path, size: int, channels: int) -> ImageSet:
-    """Images under `path`; if it has sub-folders, each sub-folder is a class."""
+def _to_mode(im, mode: str):
+    """A PIL image in `mode` (L or RGB) at 8 bits: 16-/32-bit grayscale is scaled (not
+    clipped) to 0..255, transparency is composited onto black, palettes are expanded."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
+        rgb = np.round(rgba[..., :3] * (rgba[..., 3:] / 255.0)).astype(np.uint8)
+        im = Image.fromarray(rgb, "RGB")
+    return im.convert(mode)
+
+
+def _why_unreadable(f: Path, e: Exception) -> str:
+    if f.stat().st_size == 0:
+        return "empty file"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return "not an image" if "cannot identify image file" in msg else msg
+
+
+def _load_folder(path: Path, size: int, channels: int, skip_bad: bool = False) -> ImageSet:
+    """Images under `path`; if it has sub-folders, each sub-folder is a class. An
+    unreadable file (empty, truncated, not an image) is an error naming it, unless
+    `skip_bad` (data.skip_bad_images) says to train on the rest."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not path.is_dir():
@@ -120,15 +160,21 @@ def _load_folder(path: Path, size: int, channels: int) -> ImageSet:
                 continue
             try:
                 with Image.open(f) as im:
-                    im = ImageOps.fit(im.convert(mode), (size, size), Image.Resampling.LANCZOS)
+                    im.verify()  # chunk structure and checksums: catches a file cut short
+                with Image.open(f) as im:
+                    im.load()  # decode now, so a damaged file fails here, not later
+                    im = ImageOps.fit(_to_mode(im, mode), (size, size), Image.Resampling.LANCZOS)
                     arr = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-                bad.append(f.name)
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                bad.append(f"{f.relative_to(path)} ({_why_unreadable(f, e)})")
                 continue
             images.append(arr)
             labels.append(label)
     if bad:
-        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        if not skip_bad:
+            raise DataError(f"{len(bad)} unreadable image file(s) in {path}: {shown}; fix or "
+                            "remove them, or set data.skip_bad_images=true to train on the rest")
         warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {path}: {shown}",
                       stacklevel=2)
     if not images:
@@ -157,7 +203,8 @@ def load_source(cfg: DataConfig) -> ImageSet:
     """Load the configured source as uint8 (N, C, image_size, image_size)."""
     src = cfg.source
     if src.startswith("folder:"):
-        data = _load_folder(Path(src[len("folder:"):]).expanduser(), cfg.image_size, cfg.channels)
+        data = _load_folder(Path(src[len("folder:"):]).expanduser(), cfg.image_size, cfg.channels,
+                            cfg.skip_bad_images)
     elif src == "shapes" or src.startswith("shapes:"):
         from effusion.data.shapes import SHAPE_CLASSES, make_shapes
 

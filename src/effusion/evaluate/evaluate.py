@@ -1,7 +1,8 @@
 """`effusion evaluate`: sample a run (or read an image array), score it, write metrics.json.
 
-Every score comes with the floor: `n` real images scored the same way against the rest of
-the real set, which is what a perfect generator would get at this sample size.
+Every score comes with the floor: `n` real images scored the same way, against the same
+reference (the rest of the real set), which is what a perfect generator would get at this
+sample size.
 """
 
 from __future__ import annotations
@@ -45,15 +46,31 @@ def score(scorer: FeatureScorer, images: torch.Tensor, requested: torch.Tensor |
     return out
 
 
-def real_floor(scorer: FeatureScorer, n: int, seed: int = 1) -> dict[str, float]:
-    """`n` real images (at most half the set) scored against the other real images."""
+FLOOR_SEED = 1
+
+
+def floor_split(scorer: FeatureScorer, n: int, seed: int = FLOOR_SEED
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the real set: `n` images (at most half) that play the perfect generator
+    for the floor, and the rest, the reference that samples AND the floor are scored
+    against (one reference for both, so the floor is not biased by a larger one)."""
     total = len(scorer.real_images)
     n = min(n, total // 2)
     perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-    pick, rest = perm[:n], perm[n:]
+    return perm[:n], perm[n:]
+
+
+def reference_for(scorer: FeatureScorer, n: int) -> torch.Tensor:
+    """The reference features for scoring `n` samples: the real set minus the floor's."""
+    return scorer.real_features[floor_split(scorer, n)[1]]
+
+
+def real_floor(scorer: FeatureScorer, n: int) -> dict[str, float]:
+    """The floor's real images scored against `reference_for(scorer, n)`."""
+    pick, rest = floor_split(scorer, n)
     labels = None if scorer.real_labels is None else scorer.real_labels[pick]
-    return {"n": n, **score(scorer, scorer.real_images[pick], labels,
-                            reference=scorer.real_features[rest])}
+    return {"n": len(pick), **score(scorer, scorer.real_images[pick], labels,
+                                    reference=scorer.real_features[rest])}
 
 
 def _scorer(data: DataConfig, features: Features) -> FeatureScorer:
@@ -109,7 +126,7 @@ def _sample_and_score(run: LoadedRun, scorer: FeatureScorer, n: int, sampler: st
                       guidance=guidance, cache_interval=cache_interval)
     w = (run.config.sample.guidance if guidance is None else guidance) if run.num_classes else None
     return {"guidance": w, "sample_seconds": round(time.perf_counter() - t0, 2),
-            **score(scorer, images, requested)}
+            **score(scorer, images, requested, reference=reference_for(scorer, n))}
 
 
 def guidance_sweep(run_dir: str | Path, weights: list[float], n: int = 1000, *,
@@ -214,7 +231,8 @@ def evaluate_images(images: torch.Tensor | str | Path, data: str | DataConfig = 
     data = replace(data, image_size=images.shape[-1], channels=images.shape[1])
     scorer = _scorer(data, features)
     result = {"n": len(images), "data": data.source,
-              "features": str(scorer.classifier.run_dir), **score(scorer, images, labels),
+              "features": str(scorer.classifier.run_dir),
+              **score(scorer, images, labels, reference=reference_for(scorer, len(images))),
               "real_floor": real_floor(scorer, len(images))}
     if out is not None:
         write_json(Path(out), result)

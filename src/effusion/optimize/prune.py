@@ -40,7 +40,8 @@ from effusion.optimize.timing import latency_ms, macs
 from effusion.recipes.distill import (SCRATCH_DEFAULTS, DistillTask, StudentRecipe, Teacher,
                                       _inherited_range)
 from effusion.recipes.generative import DiffusionRecipe
-from effusion.runs import (LoadedRun, latest_checkpoint, load_run, read_tensors, write_json)
+from effusion.runs import (CheckpointError, LoadedRun, latest_checkpoint, load_run, read_lineage,
+                           read_tensors, write_json)
 from effusion.runs.files import REPORT
 from effusion.train.loop import TrainResult
 from effusion.train.loop import train as run_loop
@@ -189,7 +190,15 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, *, ratio: float = 0.5,
     lineage = base.lineage + [{"pass": "prune", "base": str(run_dir.resolve()), "step": base.step,
                                "ratio": ratio, "importance": importance,
                                "finetune_minutes": finetune_minutes, "batches": batches}]
-    ckpt = latest_checkpoint(out_dir) if resume else None
+    ckpt = None if fresh else latest_checkpoint(out_dir)  # the same command resumes
+    if ckpt is not None:
+        done = (read_lineage(out_dir) or [{}])[-1]
+        if (done.get("pass"), done.get("ratio"), done.get("importance")) != ("prune", ratio, importance):
+            raise CheckpointError(
+                f"{out_dir} holds another run ({done.get('pass', 'not a pruned run')}"
+                + (f", ratio {done.get('ratio')}, {done.get('importance')} importance"
+                   if done.get("pass") == "prune" else "")
+                + "); --fresh discards it, or choose another --out")
     before = _cost(base.model, base)
     if ckpt is not None:  # resuming the fine-tune: the widths are in the checkpoint
         widths = read_tensors(ckpt / "model.safetensors")

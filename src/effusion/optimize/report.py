@@ -17,7 +17,6 @@ Writes `report.json` (rows + machine) and a PNG of samples/s against FID.
 from __future__ import annotations
 
 import copy
-import platform
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from effusion.models import count_params
 from effusion.optimize.export import example_inputs
 from effusion.optimize.timing import latency_ms, macs
 from effusion.plots import figure
-from effusion.precision import bf16_supported
+from effusion.precision import hardware
 from effusion.runs import CheckpointError, LoadedRun, latest_checkpoint, load_run, write_json
 from effusion.runs.files import ONNX_MODEL
 
@@ -41,18 +40,9 @@ COLD_START = ("import sys; from effusion.runs import load_run; from effusion.sam
 
 
 def machine() -> dict[str, Any]:
-    """What the figures were measured on: CPU model and flags, threads, torch."""
-    flags, model = "", platform.processor()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        flags = next((ln for ln in lines if ln.startswith("flags")), "")
-        model = next((ln.split(":", 1)[1].strip() for ln in lines
-                      if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    return {"cpu": model, "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags,
-            "avx2": "avx2" in flags, "bf16_fast": bf16_supported(torch.device("cpu")),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    """What the figures were measured on: CPU model and flags, threads, torch (see
+    `effusion.precision.hardware`)."""
+    return hardware()
 
 
 def calls_per_sample(run: LoadedRun, steps: int, sampler: str) -> int:

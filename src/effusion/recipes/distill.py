@@ -43,8 +43,9 @@ from effusion.diffusion.samplers import timesteps
 from effusion.models import build_model
 from effusion.models.pruned import shape_like
 from effusion.recipes.generative import DiffusionRecipe, DiffusionTask
-from effusion.runs import CheckpointError, LoadedRun, atomic_write, load_run, read_lineage
-from effusion.train.loop import TaskContext, TrainResult, prepare_run_dir
+from effusion.runs import (CheckpointError, LoadedRun, atomic_write, list_checkpoints, load_run,
+                          read_lineage)
+from effusion.train.loop import TaskContext, TrainResult
 from effusion.train.loop import train as run_loop
 
 # Fine-tuning from a teacher: a lower peak LR and a short warm-up; the EMA warm-up keeps
@@ -126,7 +127,7 @@ class DistillTask(DiffusionTask):
     def loss(self, model: Any, x0: torch.Tensor, labels: torch.Tensor | None,
              gen: torch.Generator) -> torch.Tensor:
         dc, dev, b = self.cfg.diffusion, self.prec.device, x0.shape[0]
-        if self.vae is not None and x0.shape[1] != self.vae.latent_shape[0]:
+        if self.encode_batches:
             x0 = self.vae.encode(x0)  # augmented pixels: encoded on the fly
         if self.steps is None:
             i = None
@@ -328,12 +329,19 @@ def distill_steps(run_dir: str | Path, out_dir: str | Path, *, steps: int = 4,
     rounds_path = out_dir / ROUNDS_FILE
     done: list[dict[str, Any]] = []
     current = None  # the round a resumed run was in
+    if resume and fresh:
+        raise ConfigError("--resume and --fresh cannot be used together")
+    if fresh:
+        rounds_path.unlink(missing_ok=True)
+    elif rounds_path.is_file():
+        resume = True  # the same command resumes where it stopped
+    elif list_checkpoints(out_dir):
+        raise CheckpointError(f"{out_dir} holds another run (no {ROUNDS_FILE}); --fresh "
+                              "discards it, or choose another --out")
     if resume and rounds_path.is_file():
         recorded = json.loads(rounds_path.read_text())
         done, current = recorded["rounds"], recorded.get("current")
     result: TrainResult | None = None
-    if not resume:
-        prepare_run_dir(out_dir, resume=False, fresh=fresh)  # a trained --out needs --fresh
     for n in schedule_n:
         if any(r["steps"] == n for r in done):
             continue
@@ -363,5 +371,5 @@ def distill_steps(run_dir: str | Path, out_dir: str | Path, *, steps: int = 4,
         atomic_write(rounds_path, json.dumps({"rounds": done, "current": None}, indent=1))
     if result is None:
         raise ConfigError(f"{out_dir} already holds every round (down to {steps} steps); "
-                          "use another --out or drop --resume")
+                          "--fresh redoes them, or choose another --out")
     return result

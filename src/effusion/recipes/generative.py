@@ -75,6 +75,10 @@ class DiffusionTask(_GridTask):
         self.schedule = schedule_for(cfg)
         self.last_grid: Path | None = None
         self.vae = vae  # latent runs: encodes augmented batches, decodes sample grids
+        # What the batches are is decided where the data was prepared (DiffusionRecipe):
+        # latents encoded once, or, with augmentation, pixels to encode here; never guessed
+        # from a batch's channel count (equal for a 3-channel VAE on RGB).
+        self.encode_batches = vae is not None and has_augmentation(cfg.data)
         self.scorer = None
         if cfg.train.eval_every:
             with torch.random.fork_rng(devices=[]):  # training the default one must not
@@ -85,7 +89,7 @@ class DiffusionTask(_GridTask):
     def loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None,
              gen: torch.Generator) -> torch.Tensor:
         cond = labels.to(self.prec.device) if self.cfg.model.num_classes else None
-        if self.vae is not None and x0.shape[1] != self.vae.latent_shape[0]:
+        if self.encode_batches:
             x0 = self.vae.encode(x0)  # augmented pixels: encoded on the fly
         return diffusion_loss(model, x0, cond, self.cfg.diffusion, self.schedule, gen,
                               self.prec, self.mem_format, cond_drop=self.cfg.train.cond_drop,

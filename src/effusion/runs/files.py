@@ -8,6 +8,8 @@ everything else; every file is written to a temporary name and renamed into plac
     RUN/quantized.safetensors  an int8 classifier written by `effusion classifier quantize`
     RUN/model.onnx             an exported U-Net (`effusion optimize export`), instead of checkpoints
     RUN/report.json            what an optimization pass changed, measured
+    RUN/runtime.json           what really ran: device, precision and why, threads, whether
+                               torch.compile worked (config.yaml holds what was asked)
 
 Layout of a checkpoint (written to `step-NNNNNNN.tmp/`, then renamed, so a crash never
 leaves a half-written checkpoint where resume would find it):
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ VAE_INFO = "vae.json"
 QUANTIZED_WEIGHTS = "quantized.safetensors"
 REPORT = "report.json"
 ONNX_MODEL = "model.onnx"
+RUNTIME = "runtime.json"
 
 
 class CheckpointError(ConfigError):
@@ -70,6 +74,18 @@ def write_config(run_dir: Path, cfg: Config, lineage: list[dict[str, Any]] | Non
     if lineage:
         text += yaml.safe_dump({"lineage": lineage}, sort_keys=False)
     atomic_write(Path(run_dir) / CONFIG, text)
+
+
+def update_runtime(run_dir: str | Path, values: dict[str, Any], reset: bool = False) -> None:
+    """Merge `values` into RUN/runtime.json (`reset`: start it over)."""
+    path = Path(run_dir) / RUNTIME
+    current: dict[str, Any] = {}
+    if not reset and path.is_file():
+        try:
+            current = json.loads(path.read_text())
+        except ValueError:
+            current = {}
+    write_json(path, {**current, **values})
 
 
 def _read_config_yaml(run_dir: str | Path) -> dict[str, Any]:
@@ -110,11 +126,23 @@ def lineage_step(lineage: list[dict[str, Any]]) -> int:
     return next((int(p["step"]) for p in reversed(lineage) if "step" in p), 0)
 
 
+def parse_lines(text: str) -> list[dict[str, Any]]:
+    """JSON Lines; a line cut short (a process killed mid-write) is left out."""
+    out = []
+    for ln in text.splitlines():
+        if ln.strip():
+            try:
+                out.append(json.loads(ln))
+            except ValueError:
+                continue
+    return out
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return parse_lines(path.read_text())
 
 
 def checkpoint_name(step: int) -> str:
@@ -131,17 +159,51 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Completed checkpoints, oldest first (temporary `.tmp` directories are ignored)."""
+    """Completed checkpoints, oldest first (`.tmp` ones being written and `.old` ones being
+    deleted are ignored)."""
     d = Path(run_dir) / CKPT_DIR
     if not d.is_dir():
         return []
     return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-")
-                  and not p.name.endswith(".tmp") and (p / "state.json").is_file())
+                  and "." not in p.name and (p / "state.json").is_file())
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors",
+                    "rng.safetensors")
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Read every file of a checkpoint in full; a missing, truncated or corrupt one is a
+    CheckpointError naming it (a checkpoint is never loaded half-read)."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
+            raise ValueError("state.json lacks step or optimizer")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: state.json: {e}") from None
+    for name in CHECKPOINT_FILES:
+        read_tensors(ckpt / name)
+
+
+def warn(message: str) -> None:
+    print(f"effusion: warning: {message}", file=sys.stderr, flush=True)
+
+
+def latest_checkpoint(run_dir: str | Path, verify: bool = True) -> Path | None:
+    """The newest checkpoint that reads back whole. A corrupt or truncated one (a disk
+    that filled up, a copy cut short) is skipped with a warning naming it, and the one
+    before is used; None if there is none."""
     ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+    if not verify:
+        return ckpts[-1] if ckpts else None
+    for ckpt in reversed(ckpts):
+        try:
+            verify_checkpoint(ckpt)
+            return ckpt
+        except CheckpointError as e:
+            warn(f"checkpoint {ckpt.name} is corrupt or truncated, skipped"
+                 + (" (using the one before)" if ckpt != ckpts[0] else "") + f": {e}")
+    return None
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -203,10 +265,15 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: dict[str, torch.Te
     save_file(cpu(rng), tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta},
                                                indent=1))
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():  # the same step saved again: move the old one aside first
+        os.replace(final, final.with_name(final.name + ".old"))
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed before it is deleted, so a crash mid-delete never leaves a half-deleted
+        # checkpoint where a resume would look.
+        os.replace(old, old.with_name(old.name + ".old"))
+    for junk in root.glob("step-*.old"):
+        shutil.rmtree(junk, ignore_errors=True)
     return final
 
 

@@ -30,7 +30,7 @@ from effusion.models.pruned import shape_like
 from effusion.models.quantized import from_quantized_tensors
 from effusion.precision import Precision, bf16_supported, resolve_device, resolve_precision
 from effusion.runs.files import (ONNX_MODEL, QUANTIZED_WEIGHTS, VAE_INFO, CheckpointError,
-                                 checkpoint_step, latest_checkpoint, load_weights, read_config,
+                                 checkpoint_step, latest_checkpoint, list_checkpoints, load_weights, read_config,
                                  lineage_step, read_lineage, read_tensors)
 
 Kind = Literal["diffusion", "vae", "classifier"]
@@ -60,6 +60,9 @@ def _open(run_dir: str | Path, want: Kind) -> tuple[Path, Config]:
 def _latest(run_dir: Path) -> Path:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
+        if list_checkpoints(run_dir):
+            raise CheckpointError(f"every checkpoint in {run_dir} is corrupt or truncated (see "
+                                  "the warnings above); retrain it, or restore a copy")
         raise CheckpointError(f"{run_dir} has no checkpoint yet (train it first)")
     return ckpt
 
@@ -121,7 +124,7 @@ def load_vae(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedV
     info_path = run_dir / VAE_INFO
     if ckpt is None or not info_path.is_file():
         raise CheckpointError(f"{run_dir} holds no finished VAE (no checkpoint or no {VAE_INFO}); "
-                              "finish training it first (effusion vae train ... --resume)")
+                              "finish training it first (the command that started it resumes it)")
     try:
         info = json.loads(info_path.read_text())
         scale = float(info["scale_factor"])

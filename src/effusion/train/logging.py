@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from effusion.runs.files import METRICS
+from effusion.runs.files import METRICS, parse_lines
 
 
 class MetricsLogger:
@@ -23,8 +23,8 @@ class MetricsLogger:
         self._tb = None
         if resume_step is not None and self.path.is_file():
             # Drop lines written after the checkpoint we resume from: they will be redone.
-            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
+            kept = [json.dumps(m) for m in parse_lines(self.path.read_text())
+                    if m.get("step", 0) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()

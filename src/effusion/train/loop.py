@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 from effusion.config import Config, ConfigError
 from effusion.data import ImageSet, load_source, split
 from effusion.models import build_model, count_params, is_classifier
-from effusion.precision import Precision, apply_tf32, resolve_device, resolve_precision
-from effusion.runs.files import (CheckpointError, checkpoint_name, latest_checkpoint,
-                                 list_checkpoints, write_config)
+from effusion.precision import (Precision, apply_tf32, precision_reason, resolve_device,
+                                resolve_precision)
+from effusion.runs.files import (RUNTIME, CheckpointError, checkpoint_name, latest_checkpoint,
+                                 list_checkpoints, update_runtime, write_config)
 from effusion.train.logging import MetricsLogger
 from effusion.train.optim import lr_factor, set_lr
 from effusion.train.state import TrainState
@@ -109,23 +110,77 @@ class TrainResult:
 
 # ------------------------------------------------------------------------ setup helpers
 
-def prepare_run_dir(run_dir: Path, resume: bool, fresh: bool) -> Path | None:
-    """Check the run directory against the flags; return the checkpoint to resume from."""
+# Keys a run may change between the command that started it and the one that resumes it:
+# budgets (to extend a run), logging and checkpoint cadence, loader threads, the device,
+# and sampling defaults. Anything else changes what is trained: resuming is refused.
+RESUMABLE_CHANGES = ("train.max_steps", "train.max_minutes", "train.epochs", "train.budget_steps",
+                     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.sample_every", "train.sample_n", "train.eval_every", "train.eval_n",
+                     "train.eval_features", "train.workers", "train.prefetch", "train.pin_memory",
+                     "train.threads", "train.device", "sample.")
+
+
+def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every config value that differs."""
+    a, b = old.to_dict(), new.to_dict()
+    return [(f"{sec}.{k}", a[sec][k], b[sec][k]) for sec in a for k in a[sec]
+            if a[sec][k] != b[sec][k]]
+
+
+def _describe(changes: list[tuple[str, Any, Any]]) -> str:
+    shown = ", ".join(f"{k}: {o!r} in the run, {n!r} now" for k, o, n in changes[:4])
+    return shown + (f" and {len(changes) - 4} more" if len(changes) > 4 else "")
+
+
+def _clear_outputs(run_dir: Path) -> None:
+    for name in ("checkpoints", "samples", "tb", "metrics.jsonl"):
+        p = run_dir / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, fresh: bool
+                    ) -> tuple[Path | None, Config, str]:
+    """Decide between starting and resuming, the same way for every command: a run
+    directory holding a checkpoint of this config is resumed (the same command resumes a
+    killed or requeued job), one without a checkpoint is started; `fresh` discards what is
+    there. `resume` (the run's own config.yaml plus --set) may also change training
+    hyper-parameters. Returns (checkpoint or None, the config to train, one line for the log)."""
+    from effusion.runs.files import ONNX_MODEL, QUANTIZED_WEIGHTS, read_config
+
     if resume and fresh:
         raise ConfigError("--resume and --fresh cannot be used together")
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise CheckpointError(f"--resume: no checkpoint found in {run_dir}")
-        return ckpt
+    for artifact in (ONNX_MODEL, QUANTIZED_WEIGHTS):
+        if (run_dir / artifact).is_file():
+            raise CheckpointError(f"{run_dir} holds an exported or quantized model ({artifact}), "
+                                  "not a training run; choose another --run directory")
     if fresh:
-        for name in ("checkpoints", "samples", "tb", "metrics.jsonl"):
-            p = run_dir / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    elif list_checkpoints(run_dir):
-        raise CheckpointError(f"{run_dir} already holds a trained run; pass --resume to continue "
-                              "it, --fresh to start it over, or choose another --run directory")
-    return None
+        _clear_outputs(run_dir)
+        return None, cfg, f"starting {run_dir} afresh (--fresh: its old checkpoints were deleted)"
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        if list_checkpoints(run_dir):
+            raise CheckpointError(f"every checkpoint in {run_dir / 'checkpoints'} is corrupt "
+                                  "(see the warnings above); --fresh starts the run over")
+        _clear_outputs(run_dir)  # logs of an attempt that never reached a checkpoint
+        return None, cfg, f"no checkpoint in {run_dir} yet: starting a new run"
+    stored = read_config(run_dir)
+    changes = config_changes(stored, cfg)
+    fixed = [c for c in changes if not c[0].startswith(RESUMABLE_CHANGES)]
+    if resume:  # the run's own config + --set: training hyper-parameters may change
+        fixed = [c for c in fixed if not c[0].startswith("train.")]
+    if fixed:
+        raise CheckpointError(
+            f"{run_dir} holds a run trained with another config ({_describe(fixed)}). "
+            "Run the command that started it to resume it, pass --resume to continue it with its "
+            "own config.yaml, --fresh to discard it, or choose another --run directory")
+    tc, old = cfg.train, stored.train
+    budget = tc.budget_steps or (old.budget_steps if tc.max_minutes == old.max_minutes else 0)
+    cfg = replace(cfg, train=replace(tc, budget_steps=budget))
+    note = f"resuming {run_dir} from {ckpt.name}"
+    if changes:
+        shown = [f"{k} {o!r} -> {n!r}" for k, o, n in changes if k != "train.budget_steps"]
+        note += (" with " + ", ".join(shown)) if shown else ""
+    return ckpt, cfg, note + " (--fresh starts it over)"
 
 
 def resolve_runtime(cfg: Config) -> tuple[Config, Precision, list[str]]:
@@ -199,14 +254,52 @@ def train_step(state: TrainState, task: Task, tc) -> tuple[StepOutcome, torch.Te
     return StepOutcome(step_loss, images, True), grad_norm
 
 
+# A time budget (train.max_minutes) becomes a step count once, PLAN_AT steps into the run,
+# from the time per step measured since step PROBE_FROM; from then on the LR schedule and
+# the end of the run follow steps only, and the plan is recorded in config.yaml
+# (train.budget_steps) so that a resumed run keeps it. A run that falls far behind its plan
+# (the machine got much busier) still stops at TIME_GUARD x the budget.
+PLAN_AT, PROBE_FROM, TIME_GUARD = 20, 5, 1.5
+
+
+def horizon(step: int, tc) -> int:
+    """The step count the schedule runs to at `step`: max_steps, or the time budget's plan
+    once it applies (from PLAN_AT on, so the steps before it never depend on the plan)."""
+    if tc.budget_steps and step >= PLAN_AT:
+        return min(tc.max_steps, tc.budget_steps)
+    return tc.max_steps
+
+
 def progress_of(state: TrainState, tc) -> float:
-    """How far the run is, 0 -> 1: the furthest of its step, time and epoch budgets."""
-    by_time = state.elapsed_s / (tc.max_minutes * 60) if tc.max_minutes else 0.0
+    """How far the run is, 0 -> 1, by its step and epoch budgets (never by wall time)."""
     by_epochs = state.loader.epochs_done() / tc.epochs if tc.epochs else 0.0
-    return max(state.step / tc.max_steps, by_time, by_epochs)
+    return max(state.step / horizon(state.step, tc), by_epochs)
+
+
+def out_of_time(state: TrainState, tc) -> bool:
+    """A time budget without a plan yet (a run shorter than PLAN_AT steps) ends on time;
+    with a plan, only TIME_GUARD x over it does."""
+    if not tc.max_minutes:
+        return False
+    limit = tc.max_minutes * 60 * (TIME_GUARD if tc.budget_steps else 1.0)
+    return state.elapsed_s >= limit
+
+
+def plan_budget(state: TrainState, tc, probe: tuple[int, float]) -> int:
+    """Steps that fit in the time budget, from the time per step since `probe` (step, elapsed)."""
+    p_step, p_elapsed = probe
+    per_step = (state.elapsed_s - p_elapsed) / max(state.step - p_step, 1)
+    left = tc.max_minutes * 60 - state.elapsed_s
+    return max(state.step, state.step + int(left / max(per_step, 1e-9)))
 
 
 # ------------------------------------------------------------------------ the run
+
+def write_runtime(run_dir: Path, **values: Any) -> None:
+    """What really ran, beside what was asked (config.yaml): compile success, etc."""
+    if run_dir is not None:
+        update_runtime(run_dir, values)
+
 
 def train(cfg: Config, run_dir: str | Path, recipe: Recipe, *, resume: bool = False,
           fresh: bool = False, progress: bool = True,
@@ -214,13 +307,21 @@ def train(cfg: Config, run_dir: str | Path, recipe: Recipe, *, resume: bool = Fa
     """Train what `recipe` describes, writing everything into `run_dir` (a run derived
     from another, like a distilled student, records its `lineage` in config.yaml)."""
     run_dir = Path(run_dir)
-    ckpt = prepare_run_dir(run_dir, resume, fresh)
+    if resume and fresh:
+        raise ConfigError("--resume and --fresh cannot be used together")
+    requested = cfg.train.precision
     cfg, prec, notes = resolve_runtime(cfg)
     data = recipe.prepare_data(cfg, prec.device)
-    cfg = data.cfg
+    ckpt, cfg, how = prepare_run_dir(run_dir, data.cfg, resume, fresh)
     state = TrainState.create(cfg, lambda: recipe.build_model(cfg), data.train_set, prec)
     task_state = state.restore(ckpt) if ckpt is not None else {}
     write_config(run_dir, cfg, lineage)
+    reason = precision_reason(requested, prec.device)
+    notes = [f"precision {reason}"] + notes
+    update_runtime(run_dir, {"device": str(prec.device), "precision": prec.mode,
+                             "precision_reason": reason,
+                             "threads": torch.get_num_threads(), "torch": torch.__version__,
+                             "compile": cfg.train.compile}, reset=True)
     logger = MetricsLogger(run_dir, resume_step=state.step if ckpt is not None else None)
     try:
         task = recipe.make_task(TaskContext(cfg, run_dir, prec, state.mem_format, logger,
@@ -231,16 +332,16 @@ def train(cfg: Config, run_dir: str | Path, recipe: Recipe, *, resume: bool = Fa
         kind = cfg.model.arch + (f", {cfg.model.num_classes} classes" if cfg.model.num_classes else "")
         for line in [f"training {count_params(state.model) / 1e6:.2f}M params ({kind}) on "
                      f"{len(data.train_set)} images{held} ({cfg.data.source}), "
-                     f"{prec.device.type} {prec.mode}, run dir {run_dir}"] + notes + state.switch_notes:
+                     f"{prec.device.type} {prec.mode}, run dir {run_dir}", how] + notes + state.switch_notes:
             print(f"effusion: {line}")
-        return _fit(cfg, run_dir, state, task, logger, progress)
+        return _fit(cfg, run_dir, state, task, logger, progress, lineage)
     finally:
         state.loader.close()
         logger.close()  # also when training fails, so nothing is lost from metrics.jsonl
 
 
 def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: MetricsLogger,
-         progress: bool) -> TrainResult:
+         progress: bool, lineage: list[dict[str, Any]] | None = None) -> TrainResult:
     tc = cfg.train
     bar = tqdm(total=100, unit="%", disable=not progress, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
@@ -249,9 +350,24 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
     t0 = time.perf_counter() - state.elapsed_s
     last_loss, in_a_row, compile_logged = math.nan, 0, False
     checkpoint = lambda: state.save(run_dir, tc.keep_checkpoints, task.state_dict())  # noqa: E731
+    # Where the time per step is measured from, if the time budget still needs its plan.
+    plan_step = PLAN_AT if state.step < PLAN_AT else state.step + PLAN_AT - PROBE_FROM
+    probe: tuple[int, float] | None = None
     state.model.train()
     try:
-        while progress_of(state, tc) < 1.0:
+        while progress_of(state, tc) < 1.0 and not out_of_time(state, tc):
+            if tc.max_minutes and not tc.budget_steps:
+                if probe is None and state.step >= min(PROBE_FROM, plan_step - 1):
+                    probe = (state.step, state.elapsed_s)
+                elif probe is not None and state.step >= plan_step:
+                    cfg = replace(cfg, train=replace(tc, budget_steps=plan_budget(state, tc, probe)))
+                    tc = cfg.train
+                    write_config(run_dir, cfg, lineage)
+                    logger.log(state.step, {"budget_steps": tc.budget_steps})
+                    bar.write(f"effusion: train.max_minutes={tc.max_minutes:g} planned as "
+                              f"train.budget_steps={tc.budget_steps} (measured "
+                              f"{(state.elapsed_s - probe[1]) / (state.step - probe[0]):.3g} s/step); "
+                              "the LR schedule and the end follow steps from here")
             # --- one optimizer step over `grad_accum` micro-batches
             epoch_before = state.loader.epoch
             lr = tc.lr * lr_factor(state.step, progress_of(state, tc), tc.warmup_steps,
@@ -275,12 +391,21 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
             last_loss = outcome.loss
             window.add(last_loss)
             compile_s = getattr(state.net, "compile_s", None)
+            compile_error = getattr(state.net, "error", None)
             if compile_s is not None and not compile_logged:
                 # Compilation happened inside this first step: log it apart and keep it
                 # out of the training time.
                 compile_logged, t0 = True, t0 + compile_s
-                logger.log(state.step, {"compile_s": compile_s})
+                logger.log(state.step, {"compile_s": compile_s, "compiled": True})
+                write_runtime(run_dir, compiled=True)
                 bar.write(f"effusion: torch.compile took {compile_s:.1f} s (not counted as training time)")
+            elif compile_error is not None and not compile_logged:
+                # The config still says compile: true; what really ran is recorded here.
+                compile_logged = True
+                logger.log(state.step, {"compiled": False, "compile_error": compile_error})
+                write_runtime(run_dir, compiled=False, compile_error=compile_error)
+                bar.write(f"effusion: torch.compile failed ({compile_error}); this run trains "
+                          f"in eager mode (recorded in {RUNTIME} and metrics.jsonl)")
             state.elapsed_s = time.perf_counter() - t0
 
             # --- log, evaluate / sample, checkpoint

@@ -177,7 +177,9 @@ def test_time_budget_becomes_a_recorded_step_plan_and_resume_is_exact(run_dir, t
     import effusion.train.loop as loop
     from effusion.runs import read_config
 
-    budget = ["train.max_minutes=0.04", "train.checkpoint_every=7", "train.max_steps=100000"]
+    budget = ["train.max_minutes=0.08", "train.checkpoint_every=7", "train.max_steps=100000",
+              "train.budget_min_steps=0"]
+    monkeypatch.setattr(loop, "TIME_GUARD", 1000.0)  # a busy machine must not cut a run short
     a = train(make_cfg(*budget), run_dir, progress=False)
     planned = read_config(run_dir).train.budget_steps
     assert planned >= loop.PLAN_AT and a.step == planned
@@ -194,7 +196,6 @@ def test_time_budget_becomes_a_recorded_step_plan_and_resume_is_exact(run_dir, t
         return real_step(state, task, tc)
 
     monkeypatch.setattr(loop, "train_step", flaky)
-    monkeypatch.setattr(loop, "TIME_GUARD", 1000.0)  # a busy machine must not cut run b short
     b_dir = tmp_path / "b"
     with pytest.raises(KeyboardInterrupt):
         train(pinned, b_dir, progress=False)
@@ -393,3 +394,57 @@ def test_train_state_round_trip(make_cfg):
     ma = a.optimizer.state_dict()["state"][0]["exp_avg"]
     assert torch.equal(ma, b.optimizer.state_dict()["state"][0]["exp_avg"])
     assert isinstance(PlainRecipe().build_model(cfg), torch.nn.Module)
+
+
+def test_a_slow_machine_trains_a_narrower_unet_for_its_time_budget(run_dir, make_cfg, monkeypatch,
+                                                                    capsys):
+    """The probe at the start of a time-budgeted run halves model.channels when fewer than
+    train.budget_min_steps would fit; the choice is recorded and the same command resumes."""
+    from effusion.recipes.generative import DiffusionRecipe
+    from effusion.runs import read_config
+
+    budget = ["train.max_minutes=10", "train.max_steps=3", "train.budget_min_steps=600"]
+    monkeypatch.setattr(DiffusionRecipe, "step_seconds", lambda self, cfg, data, prec: 2.0)  # 300 fit
+    train(make_cfg(*budget), run_dir, progress=False)
+    out = capsys.readouterr().out
+    assert "300 steps fit" in out and "training model.channels=4 instead" in out
+    stored = read_config(run_dir)
+    assert stored.model.channels == 4 and stored.model.head_channels == 4
+    more = train(make_cfg(*budget[:1], "train.max_steps=4", *budget[2:]), run_dir, progress=False)
+    assert more.step == 4 and "resuming" in capsys.readouterr().out  # same command, no conflict
+    # a fast machine keeps the width; budget_min_steps=0 never probes
+    monkeypatch.setattr(DiffusionRecipe, "step_seconds", lambda self, cfg, data, prec: 0.1)
+    train(make_cfg(*budget), run_dir, fresh=True, progress=False)
+    assert read_config(run_dir).model.channels == 8 and "6000 steps fit" in capsys.readouterr().out
+    monkeypatch.setattr(DiffusionRecipe, "step_seconds", lambda *a: 1 / 0)
+    train(make_cfg(*budget[:2], "train.budget_min_steps=0"), run_dir, fresh=True, progress=False)
+    assert read_config(run_dir).model.channels == 8
+
+
+def test_the_width_probe_times_real_steps(make_cfg):
+    from effusion.precision import Precision
+    from effusion.recipes.generative import DiffusionRecipe
+
+    recipe = DiffusionRecipe()
+    cfg = make_cfg("model.num_classes=10")
+    data = recipe.prepare_data(cfg, torch.device("cpu"))
+    before = torch.get_rng_state()
+    s = recipe.step_seconds(data.cfg, data, Precision(torch.device("cpu"), "fp32"))
+    assert 0 < s < 5 and torch.equal(before, torch.get_rng_state())
+
+
+def test_time_guard_only_cuts_a_run_far_behind_its_plan():
+    from types import SimpleNamespace
+
+    import effusion.train.loop as loop
+
+    tc = SimpleNamespace(max_minutes=1.0, budget_steps=0)
+    state = SimpleNamespace(elapsed_s=59.0)
+    assert not loop.out_of_time(state, tc)
+    state.elapsed_s = 60.0
+    assert loop.out_of_time(state, tc)  # no plan yet: the budget itself
+    tc.budget_steps = 500
+    assert not loop.out_of_time(state, tc)  # planned: steps decide ...
+    state.elapsed_s = 60.0 * loop.TIME_GUARD
+    assert loop.out_of_time(state, tc)  # ... until the guard
+    assert not loop.out_of_time(state, SimpleNamespace(max_minutes=0, budget_steps=0))

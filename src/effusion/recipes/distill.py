@@ -177,6 +177,9 @@ class StudentRecipe(DiffusionRecipe):
     def build_model(self, cfg: Config) -> nn.Module:
         return self._make_student(cfg)
 
+    def fit_to_budget(self, cfg: Config, data, prec) -> tuple[Config, str | None]:
+        return cfg, None  # the student's width is the pass's choice, never the budget's
+
     def make_task(self, ctx: TaskContext) -> DistillTask:
         return self._make_task(ctx, self.vae)
 

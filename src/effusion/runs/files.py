@@ -8,6 +8,8 @@ everything else; every file is written to a temporary name and renamed into plac
     RUN/quantized.safetensors  an int8 classifier written by `effusion classifier quantize`
     RUN/model.onnx             an exported U-Net (`effusion optimize export`), instead of checkpoints
     RUN/report.json            what an optimization pass changed, measured
+    RUN/narrowed.json          the U-Net width the config asked for and the one a slow
+                               machine trained instead (train.budget_min_steps)
     RUN/runtime.json           what really ran: device, precision and why, threads, whether
                                torch.compile worked (config.yaml holds what was asked)
 
@@ -46,6 +48,7 @@ QUANTIZED_WEIGHTS = "quantized.safetensors"
 REPORT = "report.json"
 ONNX_MODEL = "model.onnx"
 RUNTIME = "runtime.json"
+NARROWED = "narrowed.json"
 
 
 class CheckpointError(ConfigError):

@@ -141,6 +141,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     import importlib.util
 
+    from effusion.precision import hardware
+
     optimizer = "adamw8bit" if importlib.util.find_spec("bitsandbytes") else "adamw"
     work = Path(a.work or tempfile.mkdtemp(prefix="crash_resume_"))
     shutil.rmtree(work / "ref", ignore_errors=True)
@@ -177,7 +179,7 @@ def main() -> None:
     # restart after a kill, by the same command.
     ok_resumes = sum(1 for k in kills[1:] if k["error"] is None)
     result = {
-        "machine": _machine(), "optimizer": optimizer, "steps": a.steps, "kills": len(kills),
+        "machine": hardware(), "optimizer": optimizer, "steps": a.steps, "kills": len(kills),
         "killed_mid_run": sum(k["killed"] for k in kills),
         "killed_during_checkpoint_write": sum(k["during_checkpoint_write"] for k in kills),
         "resumes_succeeded": ok_resumes + 1,  # + the final command, which ran to the end
@@ -198,12 +200,6 @@ def main() -> None:
     print(f"wrote {out}")
     if a.work is None:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _machine() -> dict:
-    from effusion.precision import hardware
-
-    return hardware()
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ def run(name: str, args: list[str], timeout: float, results: list[dict]) -> dict
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         rc, out, err = p.returncode, p.stdout, p.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, out, err = 124, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+    except subprocess.TimeoutExpired as e:  # its stdout may be bytes even with text=True
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rc, err = 124, "timeout"
     wall = time.perf_counter() - t0
     tail = (out + "\n" + err).strip().splitlines()[-12:]
     print("\n".join(tail), flush=True)

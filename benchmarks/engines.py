@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sampling_speedups import machine  # noqa: E402
-
-from effusion.evaluate import evaluate_run  # noqa: E402
-from effusion.optimize.export import example_inputs, export_run  # noqa: E402
-from effusion.optimize.timing import latency_ms  # noqa: E402
-from effusion.recipes import feature_classifier  # noqa: E402
-from effusion.runs import load_run  # noqa: E402
+from effusion.evaluate import evaluate_run
+from effusion.optimize.export import example_inputs, export_run
+from effusion.optimize.timing import latency_ms
+from effusion.precision import hardware as machine
+from effusion.recipes import feature_classifier
+from effusion.runs import load_run
 
 ENGINES = {"onnxruntime-fp32": ("onnx", False), "onnxruntime-int8": ("onnx", True),
            "openvino-fp32": ("openvino", False), "openvino-int8": ("openvino", True)}

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sampling_speedups import machine  # noqa: E402
-
-from effusion.evaluate import evaluate_run  # noqa: E402
-from effusion.optimize.export import export_run  # noqa: E402
-from effusion.recipes import distill_guidance, distill_steps, feature_classifier  # noqa: E402
-from effusion.runs import load_run, read_lineage  # noqa: E402
+from effusion.evaluate import evaluate_run
+from effusion.optimize.export import export_run
+from effusion.precision import hardware as machine
+from effusion.recipes import distill_guidance, distill_steps, feature_classifier
+from effusion.runs import load_run, read_lineage
 
 
 def main() -> None:

@@ -23,15 +23,9 @@ from pathlib import Path
 import torch
 
 from effusion.evaluate import evaluate_run
+from effusion.precision import hardware as machine
 from effusion.recipes import feature_classifier
 from effusion.runs import load_run
-
-
-def machine() -> dict:
-    """The CPU and torch the figures come from (one definition: effusion.optimize.report)."""
-    from effusion.optimize.report import machine as report_machine
-
-    return report_machine()
 
 
 def net_latency_ms(net, run, batch: int, repeats: int = 10) -> float:

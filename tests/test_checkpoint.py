@@ -183,3 +183,20 @@ def test_state_json_is_readable_json(tmp_path, make_cfg):
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 7 and state["ema_updates"] == 1
     assert state["optimizer"]["param_groups"][0]["lr"] == make_cfg().train.lr
+
+
+def test_leftovers_of_an_interrupted_save_do_not_block_later_saves(tmp_path, make_cfg):
+    """A kill between renaming an old checkpoint aside (`.old`) and deleting it, or while
+    writing one (`.tmp`), leaves folders behind; the next saves still rotate cleanly."""
+    from effusion.recipes import train
+    from effusion.runs import list_checkpoints
+
+    run = tmp_path / "run"
+    cfg = ["train.checkpoint_every=1", "train.keep_checkpoints=1"]
+    train(make_cfg("train.max_steps=1", *cfg), run, progress=False)
+    for junk in ("step-0000001.old", "step-0000002.tmp"):  # step 1 is still the live one
+        (run / "checkpoints" / junk).mkdir(parents=True)
+        (run / "checkpoints" / junk / "model.safetensors").write_bytes(b"half")
+    train(make_cfg("train.max_steps=3", *cfg), run, progress=False)  # rotates step 1 out
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000003"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000003"]

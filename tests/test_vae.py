@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,19 +154,25 @@ def test_latent_run_trains_samples_and_evaluates_with_no_extra_flags(tmp_path, v
     assert res["fid"] > 0 and "bpd" not in res and "latent" in res["bpd_note"]
 
 
-def test_latent_run_with_augmentation_encodes_on_the_fly(tmp_path, vae_run, monkeypatch):
+def _encoded_batches(monkeypatch, vae: Path, run: Path, augmentation: str) -> list:
+    """Train a tiny augmented latent run on `vae`; the shapes `LoadedVAE.encode` was given."""
+    from effusion.config import load_config
     from effusion.recipes import train as train_fn
     from effusion.runs import LoadedVAE
-    from effusion.runs.files import read_config
 
     calls = []
     real = LoadedVAE.encode
     monkeypatch.setattr(LoadedVAE, "encode", lambda self, x, **k: calls.append(x.shape) or real(self, x, **k))
-    from effusion.config import load_config
+    cfg = load_config(None, LATENT_TINY + ["model.space=latent", f"model.vae={vae}",
+                                           augmentation, "model.num_classes=0"])
+    train_fn(cfg, run, progress=False)
+    return calls
 
-    cfg = load_config(None, LATENT_TINY + ["model.space=latent", f"model.vae={vae_run}",
-                                           "data.hflip=true", "model.num_classes=0"])
-    train_fn(cfg, tmp_path / "aug", progress=False)
+
+def test_latent_run_with_augmentation_encodes_on_the_fly(tmp_path, vae_run, monkeypatch):
+    from effusion.runs.files import read_config
+
+    calls = _encoded_batches(monkeypatch, vae_run, tmp_path / "aug", "data.hflip=true")
     assert calls == [(16, 1, 16, 16)] * 4  # each (augmented) pixel batch, never the whole set
     assert read_config(tmp_path / "aug").model.space == "latent"
 
@@ -173,17 +180,8 @@ def test_latent_run_with_augmentation_encodes_on_the_fly(tmp_path, vae_run, monk
 def test_augmented_latent_run_encodes_even_when_latents_have_the_datas_channels(tmp_path, monkeypatch):
     """With vae.latent_channels == data.channels a batch's channel count cannot tell pixels
     from latents: augmented pixel batches must still be encoded (never fed raw)."""
-    from effusion.config import load_config
-    from effusion.recipes import train as train_fn
-    from effusion.runs import LoadedVAE
-
     vae, _ = _vae_run(tmp_path, "train.max_steps=3", "vae.latent_channels=1", name="vae1")
-    calls = []
-    real = LoadedVAE.encode
-    monkeypatch.setattr(LoadedVAE, "encode", lambda self, x, **k: calls.append(x.shape) or real(self, x, **k))
-    cfg = load_config(None, LATENT_TINY + ["model.space=latent", f"model.vae={vae}",
-                                           "data.translate=2", "model.num_classes=0"])
-    train_fn(cfg, tmp_path / "aug1", progress=False)
+    calls = _encoded_batches(monkeypatch, vae, tmp_path / "aug1", "data.translate=2")
     assert calls == [(16, 1, 16, 16)] * 4
 
 

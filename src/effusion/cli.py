@@ -126,7 +126,8 @@ def sample(
     """Draw samples from a trained run and save them as a PNG grid (and .npy)."""
     import time
 
-    from effusion.data.images import check_writable, save_grid, save_npy
+    from effusion.data.images import save_grid, save_npy
+    from effusion.fileio import check_writable
     from effusion.runs import load_run
     from effusion.sampling import class_labels, generate
 

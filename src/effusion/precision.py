@@ -53,16 +53,18 @@ def resolve_precision(precision: str, device: torch.device) -> Resolved:
     return precision  # type: ignore[return-value]
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+def _cpuinfo(field: str) -> str:
+    """The first `field` line of /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith(field)), "")
     except OSError:
-        pass
-    return set()
+        return ""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is not there)."""
+    return set(_cpuinfo("flags").split())
 
 
 def hardware() -> dict:
@@ -74,13 +76,7 @@ def hardware() -> dict:
     import platform
 
     flags = cpu_flags()
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                         model)
-    except OSError:
-        pass
+    model = _cpuinfo("model name") or platform.processor()
     device = resolve_device("auto")
     caps = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
     try:

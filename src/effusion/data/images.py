@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from effusion.config import ConfigError
+from effusion.fileio import write_file
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
@@ -51,36 +50,3 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
 def save_npy(images: torch.Tensor, path: str | Path) -> Path:
     arr = to_hwc_numpy(images)
     return write_file(path, lambda tmp: np.save(tmp, arr))
-
-
-class OutputError(ConfigError):
-    """An output file could not be written (a folder that is a file or read-only, a full
-    disk); nothing half-written is left behind."""
-
-
-def check_writable(path: str | Path) -> Path:
-    """Fail before any work if `path`'s folder cannot be made or written."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    if not os.access(path.parent, os.W_OK):
-        raise OutputError(f"cannot write {path}: folder {path.parent} is not writable")
-    return path
-
-
-def write_file(path: str | Path, write) -> Path:
-    """`write(tmp)` to a temporary name beside `path`, then rename it into place; on any
-    OS error (read-only folder, full disk) the temporary file is removed and an
-    OutputError names the file."""
-    path = check_writable(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keeps the suffix (format)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

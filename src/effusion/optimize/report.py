@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from effusion.evaluate import evaluate_run
@@ -37,12 +36,6 @@ from effusion.runs.files import ONNX_MODEL
 
 COLD_START = ("import sys; from effusion.runs import load_run; from effusion.sampling import "
               "generate; generate(load_run(sys.argv[1]), 1, seed=0)")
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on: CPU model and flags, threads, torch (see
-    `effusion.precision.hardware`)."""
-    return hardware()
 
 
 def calls_per_sample(run: LoadedRun, steps: int, sampler: str) -> int:
@@ -123,7 +116,7 @@ def report_runs(run_dirs: list[str | Path], n: int = 1000, *, out: str | Path | 
             "class_accuracy": ev.get("class_accuracy"), "recall": ev["recall"],
             "precision": ev["precision"],
             "cold_start_s": cold_start_seconds(Path(rd)) if cold_start else None})
-    result = {"machine": machine(), "n": n, "rows": rows}
+    result = {"machine": hardware(), "n": n, "rows": rows}
     if out is not None:
         out = Path(out)
         write_json(out, result)

@@ -35,10 +35,11 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from effusion.config import Config, ConfigError, config_from_dict
+from effusion.fileio import write_file
 
 CKPT_DIR = "checkpoints"
 CONFIG = "config.yaml"
@@ -57,13 +58,8 @@ class CheckpointError(ConfigError):
 
 def atomic_write(path: str | Path, text: str) -> Path:
     """Write `text` to `path` through a temporary file and a rename, so a reader (or a crash)
-    never sees half a file; creates the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    never sees half a file; creates the folder (`effusion.fileio.write_file`)."""
+    return write_file(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -176,8 +172,10 @@ CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetenso
 
 
 def verify_checkpoint(ckpt: Path) -> None:
-    """Read every file of a checkpoint in full; a missing, truncated or corrupt one is a
-    CheckpointError naming it (a checkpoint is never loaded half-read)."""
+    """Check that every file of a checkpoint is whole: state.json parses, and each
+    safetensors header is complete and covers its file exactly (what a cut-short copy or a
+    full disk breaks; the tensor bytes themselves are read only when loaded). A missing,
+    truncated or corrupt file is a CheckpointError naming it."""
     try:
         state = json.loads((ckpt / "state.json").read_text())
         if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
@@ -185,7 +183,11 @@ def verify_checkpoint(ckpt: Path) -> None:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {ckpt} is corrupt: state.json: {e}") from None
     for name in CHECKPOINT_FILES:
-        read_tensors(ckpt / name)
+        try:
+            with safe_open(str(ckpt / name), "pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"cannot read weights {ckpt / name}: {e}") from None
 
 
 def warn(message: str) -> None:
@@ -255,7 +257,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: dict[str, torch.Te
     root = Path(run_dir) / CKPT_DIR
     final = root / checkpoint_name(step)
     tmp = root / (checkpoint_name(step) + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_leftovers(root)  # an earlier save cut short must not block the renames below
     tmp.mkdir(parents=True)
 
     def cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -275,9 +277,17 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: dict[str, torch.Te
         # Renamed before it is deleted, so a crash mid-delete never leaves a half-deleted
         # checkpoint where a resume would look.
         os.replace(old, old.with_name(old.name + ".old"))
-    for junk in root.glob("step-*.old"):
-        shutil.rmtree(junk, ignore_errors=True)
+    _remove_leftovers(root, ".old")
     return final
+
+
+def _remove_leftovers(root: Path, *suffixes: str) -> None:
+    """Delete `step-*` folders with these suffixes (default: `.tmp` and `.old`): checkpoints
+    being written or deleted when a process stopped."""
+    if root.is_dir():
+        for junk in root.iterdir():
+            if junk.name.startswith("step-") and junk.suffix in (suffixes or (".tmp", ".old")):
+                shutil.rmtree(junk, ignore_errors=True)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

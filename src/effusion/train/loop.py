@@ -147,12 +147,10 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, fresh: bool
     """Decide between starting and resuming, the same way for every command: a run
     directory holding a checkpoint of this config is resumed (the same command resumes a
     killed or requeued job), one without a checkpoint is started; `fresh` discards what is
-    there. `resume` (the run's own config.yaml plus --set) may also change training
-    hyper-parameters. Returns (checkpoint or None, the config to train, one line for the log)."""
+    there (`resume` with `fresh` is refused by `train`). `resume` (the run's own
+    config.yaml plus --set) may also change training hyper-parameters. Returns (checkpoint or None, the config to train, one line for the log)."""
     from effusion.runs.files import ONNX_MODEL, QUANTIZED_WEIGHTS, read_config
 
-    if resume and fresh:
-        raise ConfigError("--resume and --fresh cannot be used together")
     for artifact in (ONNX_MODEL, QUANTIZED_WEIGHTS):
         if (run_dir / artifact).is_file():
             raise CheckpointError(f"{run_dir} holds an exported or quantized model ({artifact}), "
@@ -308,11 +306,6 @@ def plan_budget(state: TrainState, tc, probe: tuple[int, float]) -> int:
 
 # ------------------------------------------------------------------------ the run
 
-def write_runtime(run_dir: Path, **values: Any) -> None:
-    """What really ran, beside what was asked (config.yaml): compile success, etc."""
-    if run_dir is not None:
-        update_runtime(run_dir, values)
-
 
 def train(cfg: Config, run_dir: str | Path, recipe: Recipe, *, resume: bool = False,
           fresh: bool = False, progress: bool = True,
@@ -421,13 +414,13 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
                 # out of the training time.
                 compile_logged, t0 = True, t0 + compile_s
                 logger.log(state.step, {"compile_s": compile_s, "compiled": True})
-                write_runtime(run_dir, compiled=True)
+                update_runtime(run_dir, {"compiled": True})
                 bar.write(f"effusion: torch.compile took {compile_s:.1f} s (not counted as training time)")
             elif compile_error is not None and not compile_logged:
                 # The config still says compile: true; what really ran is recorded here.
                 compile_logged = True
                 logger.log(state.step, {"compiled": False, "compile_error": compile_error})
-                write_runtime(run_dir, compiled=False, compile_error=compile_error)
+                update_runtime(run_dir, {"compiled": False, "compile_error": compile_error})
                 bar.write(f"effusion: torch.compile failed ({compile_error}); this run trains "
                           f"in eager mode (recorded in {RUNTIME} and metrics.jsonl)")
             state.elapsed_s = time.perf_counter() - t0
@@ -455,7 +448,7 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
     bar.close()
 
     # --- finish: final checkpoint and the task's artifact (sample grid / curves)
-    last = latest_checkpoint(run_dir)
+    last = latest_checkpoint(run_dir, verify=False)  # only its name matters here
     if last is None or last.name != checkpoint_name(state.step):
         checkpoint()
     artifact = task.finish(state.ema.model, state.step)

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-all bench install clean browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,10 +24,18 @@ demo: $(STAMP)
 	$(BIN)/effusion sample --run $(RUN) --n 100 --out $(RUN)/demo-grid.png --npy $(RUN)/demo-samples.npy
 	@echo "samples: $(RUN)/demo-grid.png"
 
-test: $(STAMP)
+# The page test drives Debian's Chromium (Playwright's own browser download is unreachable).
+# Installed when missing and this runs as root; otherwise that one test skips with the reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && echo "installing Debian's chromium for the page test (apt-get)" \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	  || echo "chromium not installed: the page test will skip (apt-get install chromium)"; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m ""
 
 bench: $(STAMP)

@@ -133,3 +133,25 @@ def tiny_classifier(tmp_path_factory):
     train(classifier_config(["model.arch=mlp", "data.image_size=16", "train.epochs=2",
                              "train.threads=1", "train.precision=fp32"]), run, progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """A real trained class-conditional digits run (tests/data/serve-digits: the default
+    recipe at width 16, 1,152 steps, FID 19.9), rebuilt from its fp16 EMA weights into a
+    run directory the `runs` layer loads like any other."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from effusion.runs.files import save_checkpoint
+
+    src = REPO_ROOT / "tests" / "data" / "serve-digits"
+    run = tmp_path_factory.mktemp("serve") / "digits"
+    run.mkdir()
+    shutil.copy(src / "config.yaml", run / "config.yaml")
+    weights = {k: v.float() for k, v in load_file(str(src / "ema-fp16.safetensors")).items()}
+    save_checkpoint(run, 1152, model=weights, ema=weights,
+                    optimizer={"state": {}, "param_groups": []},
+                    rng={"cpu": torch.get_rng_state()}, state={"fixture": True}, keep=1)
+    return run

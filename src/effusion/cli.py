@@ -437,6 +437,35 @@ def optimize_export(
         typer.echo(f"| {b} | {v['eager_fp32']:.1f} |{mid} {v['engine']:.1f} | {v['speedup']:.2f}x |")
 
 
+@optimize_app.command("quantize")
+@user_errors
+def optimize_quantize(
+    run: Path = typer.Option(..., "--run", help="Diffusion run directory."),
+    out: Path = typer.Option(..., "--out", help="New run directory for the quantized model."),
+    method: str = typer.Option("dynamic-int8", "--method", help="dynamic-int8 (Linear layers, torch.ao) | bf16-weights (half the bytes, upcast on load) | static-int8 (every layer, calibrated; an engine graph, as `export --int8`)."),
+    fmt: str = typer.Option("onnx", "--format", help="static-int8: onnx (ONNX Runtime) | openvino."),
+    calib_batches: int = typer.Option(16, "--calib-batches", help="Batches of 16 noisy training images across timesteps: calibration (static-int8) and the error measurement."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Quantize a diffusion run into a new run directory that `sample`, `evaluate` and
+    `serve` load like any other; report bytes, latency and the network's output error."""
+    from effusion.optimize.quantize import quantize_run
+
+    r = quantize_run(run, out, method, fmt=fmt, calib_batches=calib_batches)
+    if as_json:
+        emit_json(r)
+        return
+    if method == "static-int8":
+        typer.echo(f"quantized {run} -> {out} (static int8 {r['engine']} graph, {r['bytes']:,} bytes)")
+        return
+    typer.echo(f"quantized {run} -> {out} ({method}): {r['bytes']:,} bytes (base "
+               f"{r['bytes_base']:,}), {100 * r['params_quantized_share']:.1f}% of the parameters, "
+               f"output error {100 * r['prediction_rel_error']:.2f}% of its magnitude")
+    typer.echo("| batch | base ms | quantized ms | speedup |\n|---|---|---|---|")
+    for b, v in r["latency_ms"].items():
+        typer.echo(f"| {b} | {v['base']:.1f} | {v['quantized']:.1f} | {v['speedup']:.2f}x |")
+
+
 @optimize_app.command("distill-guidance")
 @user_errors
 def optimize_distill_guidance(
@@ -667,6 +696,34 @@ def bench_train(
         return
     typer.echo(markdown(result))
     typer.echo(f"wrote {paths['markdown']}, {paths['json']} and {paths['png']}")
+
+
+@app.command()
+@user_errors
+def serve(
+    run: Path = typer.Option(..., "--run", help="Run directory (trained, or written by `effusion optimize`)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; beyond this machine needs --token or --insecure-no-token."),
+    port: int = typer.Option(8000, "--port"),
+    max_batch: int = typer.Option(64, "--max-batch", help="Most images in one sampler call."),
+    batch_window_ms: float = typer.Option(10.0, "--batch-window-ms", help="How long a request waits for others to share its batch."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Most images waiting; more is answered 503 with Retry-After."),
+    max_n: int = typer.Option(64, "--max-n", help="Most images per request."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Most sampler steps per request (default: the run's schedule length)."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="EFFUSION_SERVE_TOKEN", help="Bearer token for every endpoint but /healthz and the page (or EFFUSION_SERVE_TOKEN)."),
+    insecure_no_token: bool = typer.Option(False, "--insecure-no-token", help="Allow a non-loopback --host without a token."),
+    device: str = typer.Option("auto", "--device"),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the network; kernels are cached on disk for the next start."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="PyTorch intra-op threads (default: all cores)."),
+) -> None:
+    """Serve a run over HTTP: POST /v1/generate, GET /v1/info, /healthz, /metrics and a page at /."""
+    from effusion.serve import ServeSettings
+    from effusion.serve import serve as run_server
+
+    settings = ServeSettings(max_batch=max_batch, batch_window_ms=batch_window_ms,
+                             max_queue=max_queue, max_n=max_n, max_steps=max_steps, token=token,
+                             threads=threads)
+    run_server(run, settings, host=host, port=port, device=device, compile=compile_,
+               insecure_no_token=insecure_no_token)
 
 
 def main() -> None:

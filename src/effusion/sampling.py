@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from effusion.config import ConfigError
@@ -26,6 +28,22 @@ def class_labels(spec: str | int | list[int] | None, n: int, num_classes: int) -
     return classes[torch.arange(n) % len(classes)]
 
 
+def resolve_sampler(run: LoadedRun, sampler: str | None, steps: int | None) -> tuple[str, int]:
+    """The sampler's name and step count: the run's `sample` config unless given; checked."""
+    sc = run.config.sample
+    name = sampler or sc.sampler
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if steps is not None and not 1 <= steps <= run.schedule.T:
+        raise ConfigError(f"steps must be between 1 and {run.schedule.T}, got {steps}")
+    if steps is None:
+        # The config's step count belongs to the config's sampler; others get their usual
+        # defaults (DDPM's ancestral chain needs all T steps to be accurate).
+        steps = sc.steps if name == sc.sampler else {"ddim": 50, "dpmpp_2m": 25,
+                                                      "ddpm": run.schedule.T}[name]
+    return name, steps
+
+
 def generate(run: LoadedRun, n: int, *, sampler: str | None = None, steps: int | None = None,
              seed: int = 0, eta: float | None = None, batch_size: int = 256,
              cond: torch.Tensor | None = None, guidance: float | None = None,
@@ -38,19 +56,10 @@ def generate(run: LoadedRun, n: int, *, sampler: str | None = None, steps: int |
     `cache_interval` > 1 reuses the U-Net's deep features between full passes (DeepCache;
     default: the run's `sample.cache_interval`).
     """
-    sc = run.config.sample
-    name = sampler or sc.sampler
-    if name not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    name, steps = resolve_sampler(run, sampler, steps)
     if n < 1:
         raise ConfigError(f"number of samples must be >= 1, got {n}")
-    if steps is not None and not 1 <= steps <= run.schedule.T:
-        raise ConfigError(f"steps must be between 1 and {run.schedule.T}, got {steps}")
-    if steps is None:
-        # The config's step count belongs to the config's sampler; others get their usual
-        # defaults (DDPM's ancestral chain needs all T steps to be accurate).
-        steps = sc.steps if name == sc.sampler else {"ddim": 50, "dpmpp_2m": 25,
-                                                      "ddpm": run.schedule.T}[name]
+    sc = run.config.sample
     d = run.config.data
     gen = torch.Generator().manual_seed(seed)
     if cache_interval is not None and cache_interval < 1:
@@ -73,3 +82,47 @@ def generate(run: LoadedRun, n: int, *, sampler: str | None = None, steps: int |
             x = run.vae.decode(x)
         out.append(to_uint8(x).cpu())
     return torch.cat(out)
+
+
+class Stopped(Exception):
+    """`generate_seeded` was told to stop between two sampler steps."""
+
+
+def generate_seeded(run: LoadedRun, seeds: list[int], *, sampler: str | None = None,
+                    steps: int | None = None, eta: float | None = None,
+                    cond: torch.Tensor | None = None, guidance: float | None = None,
+                    cache_interval: int | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """One uint8 sample per seed, in one sampler call: sample i's starting noise and any
+    sampler noise come from its own generator seeded with `seeds[i]`, so an image depends
+    on its seed (and class and settings), not on which others share the batch (up to the
+    kernels' batch-size-dependent rounding; see the server's README section).
+
+    `should_stop`, checked after every step, aborts the call with `Stopped`.
+    """
+    if not seeds:
+        raise ConfigError("generate_seeded needs at least one seed")
+    name, steps = resolve_sampler(run, sampler, steps)
+    sc, d = run.config.sample, run.config.data
+    if cache_interval is not None and cache_interval < 1:
+        raise ConfigError(f"cache interval must be >= 1 (1 = off), got {cache_interval}")
+    if cond is not None and not run.num_classes:
+        raise ConfigError("class labels were given but this run is unconditional "
+                          "(model.num_classes = 0)")
+    if run.num_classes and cond is None:
+        cond = torch.tensor([s % run.num_classes for s in seeds])
+    den = run.denoiser(guidance=guidance, cache_interval=cache_interval)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    b = len(seeds)
+    shape = (b, *run.vae.latent_shape) if run.vae else (b, d.channels, d.image_size, d.image_size)
+
+    def check(*_: object) -> None:
+        if should_stop is not None and should_stop():
+            raise Stopped
+
+    x = sample(name, den, run.schedule, shape, steps, generator=gens, device=run.precision.device,
+               cond=None if cond is None else cond.to(run.precision.device),
+               eta=sc.eta if eta is None else eta, spacing=sc.spacing, callback=check)
+    if run.vae is not None:
+        x = run.vae.decode(x)
+    return to_uint8(x).cpu()

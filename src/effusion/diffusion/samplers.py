@@ -7,7 +7,7 @@ Timesteps are integers of the discrete schedule; the final step targets t = -1 (
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence, Union
 
 import torch
 
@@ -16,6 +16,9 @@ from effusion.diffusion.schedule import Schedule
 
 Spacing = Literal["linspace", "leading", "trailing"]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]  # (i, t, x_t, x0_hat)
+# One generator for the whole batch, or one per row: then each row's noise depends on its
+# own generator only, not on which other rows share the batch (the server's batching).
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 def timesteps(schedule: Schedule, steps: int, spacing: Spacing = "linspace") -> list[int]:
@@ -39,10 +42,21 @@ def timesteps(schedule: Schedule, steps: int, spacing: Spacing = "linspace") -> 
     return sorted(set(ts.tolist()), reverse=True)
 
 
-def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal like x, drawn on the generator's device (reproducible across devices)."""
-    dev = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=dev, dtype=torch.float32).to(x.device)
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device | str
+          ) -> torch.Tensor:
+    """Standard normal of `shape` on `device`, drawn on the generator's device (reproducible
+    across devices); with a sequence of generators, row i comes from generator i."""
+    if generator is None or isinstance(generator, torch.Generator):
+        dev = generator.device if generator is not None else torch.device(device)
+        return torch.randn(shape, generator=generator, device=dev, dtype=torch.float32).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=torch.float32)
+                        for g in generator]).to(device)
+
+
+def _randn(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    return randn(tuple(x.shape), generator, x.device)
 
 
 def _batched_t(t: int, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +66,7 @@ def _batched_t(t: int, x: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def sample_ddim(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, steps: int = 50, *,
                 cond: torch.Tensor | None = None, eta: float = 0.0, spacing: Spacing = "linspace",
-                generator: torch.Generator | None = None,
+                generator: Generators = None,
                 callback: Callback | None = None) -> torch.Tensor:
     """DDIM, Song et al. 2021, eq. 12: eta = 0 is the deterministic ODE-like sampler,
     eta = 1 is DDPM ancestral sampling on the respaced schedule."""
@@ -75,7 +89,7 @@ def sample_ddim(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, steps
 
 def sample_ddpm(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor,
                 steps: int | None = None, *, cond: torch.Tensor | None = None,
-                spacing: Spacing = "linspace", generator: torch.Generator | None = None,
+                spacing: Spacing = "linspace", generator: Generators = None,
                 callback: Callback | None = None) -> torch.Tensor:
     """DDPM ancestral sampling, Ho et al. 2020, Alg. 2 (all T steps by default).
 
@@ -89,7 +103,7 @@ def sample_ddpm(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor,
 @torch.inference_mode()
 def sample_dpmpp_2m(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, steps: int = 25, *,
                     cond: torch.Tensor | None = None, spacing: Spacing = "linspace",
-                    generator: torch.Generator | None = None,
+                    generator: Generators = None,
                     callback: Callback | None = None) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 ("DPM-Solver++"), Alg. 2, in lambda = log(alpha/sigma).
 
@@ -133,13 +147,12 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def sample(name: str, denoiser: Denoiser, schedule: Schedule, shape: tuple[int, ...],
-           steps: int | None = None, *, generator: torch.Generator | None = None,
+           steps: int | None = None, *, generator: Generators = None,
            device: torch.device | str = "cpu", **kwargs) -> torch.Tensor:
     """Draw x_T ~ N(0, I) of `shape` from `generator` and run the named sampler."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    dev = generator.device if generator is not None else torch.device(device)
-    x_T = torch.randn(shape, generator=generator, device=dev).to(device)
+    x_T = randn(shape, generator, device)
     if name != "ddim":
         kwargs.pop("eta", None)
     args = (steps,) if steps is not None else ()

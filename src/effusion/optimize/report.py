@@ -32,7 +32,7 @@ from effusion.optimize.timing import latency_ms, macs
 from effusion.plots import figure
 from effusion.precision import hardware
 from effusion.runs import CheckpointError, LoadedRun, latest_checkpoint, load_run, write_json
-from effusion.runs.files import ONNX_MODEL
+from effusion.runs.files import BF16_WEIGHTS, ONNX_MODEL, QUANTIZED_WEIGHTS
 
 COLD_START = ("import sys; from effusion.runs import load_run; from effusion.sampling import "
               "generate; generate(load_run(sys.argv[1]), 1, seed=0)")
@@ -62,9 +62,9 @@ def _eager_network(run: LoadedRun) -> nn.Module | None:
 
 
 def weights_bytes(run: LoadedRun) -> int:
-    onnx = run.run_dir / ONNX_MODEL
-    if onnx.is_file():
-        return onnx.stat().st_size
+    for name in (ONNX_MODEL, QUANTIZED_WEIGHTS, BF16_WEIGHTS):  # a run with no checkpoints
+        if (run.run_dir / name).is_file():
+            return (run.run_dir / name).stat().st_size
     return (latest_checkpoint(run.run_dir) / "ema.safetensors").stat().st_size
 
 

@@ -29,8 +29,8 @@ from effusion.models.exported import OnnxNetwork, OpenVinoNetwork, load_graph
 from effusion.models.pruned import shape_like
 from effusion.models.quantized import from_quantized_tensors
 from effusion.precision import Precision, bf16_supported, resolve_device, resolve_precision
-from effusion.runs.files import (ONNX_MODEL, QUANTIZED_WEIGHTS, VAE_INFO, CheckpointError,
-                                 checkpoint_step, latest_checkpoint, list_checkpoints, load_weights, read_config,
+from effusion.runs.files import (BF16_WEIGHTS, ONNX_MODEL, QUANTIZED_WEIGHTS, VAE_INFO, CheckpointError,
+                                 check_weights, checkpoint_step, latest_checkpoint, list_checkpoints, load_weights, read_config,
                                  lineage_step, read_lineage, read_tensors)
 
 Kind = Literal["diffusion", "vae", "classifier"]
@@ -256,6 +256,8 @@ def load_run(run_dir: str | Path, ema: bool = True, device: str = "auto",
     lineage = read_lineage(run_dir)
     if (run_dir / ONNX_MODEL).is_file():
         return _load_exported(run_dir, cfg, lineage, device)
+    if (run_dir / QUANTIZED_WEIGHTS).is_file() or (run_dir / BF16_WEIGHTS).is_file():
+        return _load_quantized(run_dir, cfg, lineage, device, precision)
     ckpt = _latest(run_dir)
     prec = inference_precision(cfg, device, precision)
     vae = load_vae(cfg.model.vae, prec.device) if cfg.model.space == "latent" else None
@@ -268,6 +270,38 @@ def load_run(run_dir: str | Path, ema: bool = True, device: str = "auto",
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     return LoadedRun(run_dir, cfg, model, schedule_for(cfg), checkpoint_step(ckpt), prec, vae,
+                     lineage)
+
+
+def _load_quantized(run_dir: Path, cfg: Config, lineage: list[dict[str, Any]], device: str,
+                    precision: str | None) -> LoadedRun:
+    """A run written by `optimize quantize`: int8 Linear layers (torch.ao dynamic, CPU
+    only) or bf16-stored weights upcast to fp32 and run at the run's precision."""
+    q = run_dir / QUANTIZED_WEIGHTS
+    if q.is_file():
+        dev = resolve_device(str(device))
+        if dev.type != "cpu":
+            raise CheckpointError(f"{run_dir} holds dynamic int8 layers, which run on the CPU "
+                                  "only (--device cpu); quantize with --method bf16-weights "
+                                  "or static-int8 for other devices")
+        prec = Precision(dev, "fp32")
+    else:
+        prec = inference_precision(cfg, device, precision)
+    vae = load_vae(cfg.model.vae, prec.device) if cfg.model.space == "latent" else None
+    model = build_model(cfg, latent_shape=vae.latent_shape if vae else None)
+    if q.is_file():
+        try:
+            model = from_quantized_tensors(model, read_tensors(q))
+        except CheckpointError:
+            raise
+        except ConfigError as e:
+            raise CheckpointError(f"{q}: {e}") from None
+    else:
+        sd = read_tensors(run_dir / BF16_WEIGHTS)
+        check_weights(sd, model, run_dir / BF16_WEIGHTS)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    model.to(prec.device).eval()
+    return LoadedRun(run_dir, cfg, model, schedule_for(cfg), lineage_step(lineage), prec, vae,
                      lineage)
 
 

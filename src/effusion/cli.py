@@ -122,6 +122,7 @@ def sample(
     classes: Optional[str] = typer.Option(None, "--class", help="Class-conditional runs: a class, a comma list, or all (default all, evenly)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance weight (0 = unconditional, 1 = conditional; default: the run's)."),
     cache_interval: Optional[int] = typer.Option(None, "--cache-interval", help="DeepCache: a full U-Net pass every N network calls, the shallow branch in between (1 = off; default: the run's sample.cache_interval)."),
+    guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="Guidance only at noise levels sigma in lo,hi (Kynkaanniemi et al. 2024; 'all' = every step; default: the run's sample.guidance_interval)."),
 ) -> None:
     """Draw samples from a trained run and save them as a PNG grid (and .npy)."""
     import time
@@ -142,7 +143,8 @@ def sample(
     cond = class_labels(classes, n, loaded.num_classes) if loaded.num_classes else None
     t0 = time.perf_counter()
     images = generate(loaded, n, sampler=sampler, steps=steps, seed=seed, eta=eta, cond=cond,
-                      guidance=guidance, cache_interval=cache_interval)
+                      guidance=guidance, cache_interval=cache_interval,
+                      guidance_interval=_interval(guidance_interval))
     dt = time.perf_counter() - t0
     nrow = 10 if n % 10 == 0 and n >= 50 else None
     save_grid(images, out, nrow=nrow)
@@ -316,6 +318,7 @@ def evaluate(
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Class-conditional runs: guidance weight (default: the run's)."),
     cache_interval: Optional[int] = typer.Option(None, "--cache-interval", help="DeepCache interval for the samples (1 = off; default: the run's)."),
     guidance_sweep: Optional[str] = typer.Option(None, "--guidance-sweep", help="Class-conditional runs: score each weight of a comma list, e.g. 0,1,2,3,5."),
+    guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="Guidance only at noise levels sigma in lo,hi ('all' = every step; default: the run's)."),
     seed: int = typer.Option(123, "--seed"),
     features: Optional[Path] = typer.Option(None, "--features", help="Classifier run for features (default: cached, trained once)."),
     bpd_n: int = typer.Option(256, "--bpd-n", help="Held-out images for bits/dim (0 = skip)."),
@@ -339,11 +342,11 @@ def evaluate(
             DataConfig(source=data, image_size=arr.shape[-1], channels=arr.shape[1]), as_json)
     if guidance_sweep is not None:
         return _guidance_sweep(run, guidance_sweep, n, sampler, steps, seed, clf, ema,
-                               device, as_json)
+                               device, as_json, _interval(guidance_interval))
     if run is not None:
         r = evaluate_run(run, n, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
                          cache_interval=cache_interval, features=clf, bpd_n=bpd_n, bpd_strata=bpd_strata, ema=ema,
-                         device=device)
+                         device=device, guidance_interval=_interval(guidance_interval))
     else:
         r = evaluate_images(arr, data, features=clf)
     if as_json:
@@ -381,7 +384,7 @@ def _feature_classifier(data, as_json: bool):
 
 def _guidance_sweep(run: Optional[Path], spec: str, n: int, sampler: Optional[str],
                     steps: Optional[int], seed: int, features, ema: bool,
-                    device: str, as_json: bool) -> None:
+                    device: str, as_json: bool, interval=None) -> None:
     from effusion.evaluate import guidance_sweep
 
     if run is None:
@@ -391,7 +394,8 @@ def _guidance_sweep(run: Optional[Path], spec: str, n: int, sampler: Optional[st
     except ValueError:
         raise ConfigError(f"--guidance-sweep takes a comma list of numbers, got {spec!r}") from None
     r = guidance_sweep(run, weights, n, sampler=sampler, steps=steps, seed=seed,
-                       features=features, ema=ema, device=device, progress=not as_json)
+                       features=features, ema=ema, device=device, progress=not as_json,
+                       guidance_interval=interval)
     if as_json:
         emit_json(r)
         return
@@ -486,6 +490,15 @@ def optimize_distill_guidance(
                               minutes=minutes, overrides=set_, resume=resume, fresh=fresh,
                               progress=not quiet)
     _distilled(result, out)
+
+
+def _interval(text: Optional[str]) -> Optional[tuple[float, ...]]:
+    """--guidance-interval: None = the run's, 'all' = every step, 'lo,hi' = that sigma range."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("all", "none", ""):
+        return ()
+    return _pair(text, "--guidance-interval")
 
 
 def _pair(text: str, flag: str) -> tuple[float, float]:

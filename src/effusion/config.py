@@ -141,6 +141,10 @@ class SampleConfig:
     # between (1 = off); `cache_depth` = how many encoder blocks the cheap calls still run.
     cache_interval: int = 1
     cache_depth: int = 1
+    # Guidance only on an interval of noise levels (Kynkaanniemi et al. 2024): [lo, hi] in
+    # sigma = sqrt((1 - abar) / abar); outside it the plain conditional prediction, one
+    # network call instead of two. [] = guidance at every step.
+    guidance_interval: tuple[float, ...] = ()
 
 
 @dataclass
@@ -179,9 +183,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = [value]
         if value is None:
             value = []
+        elem = next((a for a in typing.get_args(tp) if a is not Ellipsis), int)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list of integers, got {value!r}")
-        return tuple(_coerce(v, int, key) for v in value)
+            kind = "integers" if elem is int else "numbers"
+            raise ConfigError(f"{key}: expected a list of {kind}, got {value!r}")
+        return tuple(_coerce(v, elem, key) for v in value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -328,6 +334,9 @@ def validate(cfg: Config) -> None:
         (cfg.sample.cache_interval >= 1, "sample.cache_interval must be >= 1 (1 = no caching)"),
         (cfg.sample.cache_depth >= 1, "sample.cache_depth must be >= 1"),
         (cfg.sample.eta >= 0, "sample.eta must be >= 0"),
+        (len(cfg.sample.guidance_interval) == 0 or (len(cfg.sample.guidance_interval) == 2
+         and 0 <= cfg.sample.guidance_interval[0] < cfg.sample.guidance_interval[1]),
+         "sample.guidance_interval must be [] or [lo, hi] noise levels (sigma) with 0 <= lo < hi"),
         (cfg.vae.latent_channels >= 1, "vae.latent_channels must be >= 1"),
         (cfg.vae.downsample >= 1 and cfg.vae.downsample & (cfg.vae.downsample - 1) == 0,
          "vae.downsample must be a power of 2 (1, 2, 4, 8, ...)"),

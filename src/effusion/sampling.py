@@ -47,14 +47,16 @@ def resolve_sampler(run: LoadedRun, sampler: str | None, steps: int | None) -> t
 def generate(run: LoadedRun, n: int, *, sampler: str | None = None, steps: int | None = None,
              seed: int = 0, eta: float | None = None, batch_size: int = 256,
              cond: torch.Tensor | None = None, guidance: float | None = None,
-             cache_interval: int | None = None) -> torch.Tensor:
+             cache_interval: int | None = None,
+             guidance_interval: tuple[float, ...] | None = None) -> torch.Tensor:
     """Draw `n` samples as uint8 (N, C, H, W); deterministic for a given seed.
 
     Sampler, steps and eta default to the run's `sample` config. A class-conditional run
     samples the labels in `cond` (default: an even spread over its classes) with
     classifier-free guidance weight `guidance` (default: the run's `sample.guidance`).
     `cache_interval` > 1 reuses the U-Net's deep features between full passes (DeepCache;
-    default: the run's `sample.cache_interval`).
+    default: the run's `sample.cache_interval`). `guidance_interval` (lo, hi) applies
+    guidance only at noise levels sigma in [lo, hi] (default: the run's; () = everywhere).
     """
     name, steps = resolve_sampler(run, sampler, steps)
     if n < 1:
@@ -64,7 +66,8 @@ def generate(run: LoadedRun, n: int, *, sampler: str | None = None, steps: int |
     gen = torch.Generator().manual_seed(seed)
     if cache_interval is not None and cache_interval < 1:
         raise ConfigError(f"cache interval must be >= 1 (1 = off), got {cache_interval}")
-    den = run.denoiser(guidance=guidance, cache_interval=cache_interval)
+    den = run.denoiser(guidance=guidance, cache_interval=cache_interval,
+                       guidance_interval=guidance_interval)
     if run.num_classes and cond is None:
         cond = class_labels(None, n, run.num_classes)
     elif cond is not None and not run.num_classes:

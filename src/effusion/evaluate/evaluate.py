@@ -88,7 +88,8 @@ def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = No
                  steps: int | None = None, guidance: float | None = None, seed: int = 123,
                  cache_interval: int | None = None, features: Features = None,
                  bpd_n: int = 256, bpd_strata: int = 50,
-                 ema: bool = True, device: str = "auto") -> dict[str, Any]:
+                 ema: bool = True, device: str = "auto",
+                 guidance_interval: tuple[float, ...] | None = None) -> dict[str, Any]:
     """Sample `n` images from a run, score them, and write `RUN/metrics.json`.
 
     Class-conditional runs are asked for an even spread of classes and also get
@@ -106,7 +107,8 @@ def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = No
         "sampler": sampler or cfg.sample.sampler, "steps": steps,
         "cache_interval": cfg.sample.cache_interval if cache_interval is None else cache_interval,
         "features": str(scorer.classifier.run_dir),
-        **_sample_and_score(run, scorer, n, sampler, steps, guidance, seed, cache_interval)}
+        **_sample_and_score(run, scorer, n, sampler, steps, guidance, seed, cache_interval,
+                            guidance_interval)}
     if bpd_n and run.vae is not None:
         result["bpd_note"] = ("not computed: bits/dim is a pixel-space likelihood, and this "
                               "run models VAE latents")
@@ -119,20 +121,25 @@ def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = No
 
 def _sample_and_score(run: LoadedRun, scorer: FeatureScorer, n: int, sampler: str | None,
                       steps: int | None, guidance: float | None, seed: int,
-                      cache_interval: int | None = None) -> dict[str, Any]:
+                      cache_interval: int | None = None,
+                      guidance_interval: tuple[float, ...] | None = None) -> dict[str, Any]:
     requested = class_labels(None, n, run.num_classes) if run.num_classes else None
     t0 = time.perf_counter()
     images = generate(run, n, sampler=sampler, steps=steps, seed=seed, cond=requested,
-                      guidance=guidance, cache_interval=cache_interval)
+                      guidance=guidance, cache_interval=cache_interval,
+                      guidance_interval=guidance_interval)
     w = (run.config.sample.guidance if guidance is None else guidance) if run.num_classes else None
-    return {"guidance": w, "sample_seconds": round(time.perf_counter() - t0, 2),
+    gi = run.config.sample.guidance_interval if guidance_interval is None else guidance_interval
+    return {"guidance": w, "guidance_interval": list(gi) if w is not None else None,
+            "sample_seconds": round(time.perf_counter() - t0, 2),
             **score(scorer, images, requested, reference=reference_for(scorer, n))}
 
 
 def guidance_sweep(run_dir: str | Path, weights: list[float], n: int = 1000, *,
                    sampler: str | None = None, steps: int | None = None, seed: int = 123,
                    features: Features = None, ema: bool = True, device: str = "auto",
-                   progress: bool = False) -> dict[str, Any]:
+                   progress: bool = False,
+                   guidance_interval: tuple[float, ...] | None = None) -> dict[str, Any]:
     """Score a class-conditional run at each guidance weight (same seeds, same classes);
     writes `RUN/guidance_sweep.json` and a PNG of class accuracy, FID and coverage vs w."""
     run_dir = Path(run_dir)
@@ -145,7 +152,8 @@ def guidance_sweep(run_dir: str | Path, weights: list[float], n: int = 1000, *,
     scorer = _scorer(run.config.data, features)
     rows = []
     for w in weights:
-        rows.append(_sample_and_score(run, scorer, n, sampler, steps, w, seed))
+        rows.append(_sample_and_score(run, scorer, n, sampler, steps, w, seed,
+                                      guidance_interval=guidance_interval))
         if progress:
             r = rows[-1]
             print(f"guidance {w:g}: class accuracy {r['class_accuracy']:.4f}, FID {r['fid']:.2f}, "

@@ -195,21 +195,34 @@ class LoadedRun:
             raise ConfigError(f"--cache-interval: {e}") from None
 
     def denoiser(self, clip_x0: bool | None = None, guidance: float | None = None,
-                 cache_interval: int | None = None) -> NetworkDenoiser | GuidedDenoiser:
+                 cache_interval: int | None = None,
+                 guidance_interval: tuple[float, ...] | None = None
+                 ) -> NetworkDenoiser | GuidedDenoiser:
         """The network as a Denoiser; class-conditional runs are wrapped in classifier-free
-        guidance with weight `guidance` (default: the run's `sample.guidance`). A fresh
-        denoiser per call: a cached one keeps per-trajectory state."""
+        guidance with weight `guidance` (default: the run's `sample.guidance`), applied where
+        the noise level is in `guidance_interval` ([lo, hi] in sigma; default: the run's
+        `sample.guidance_interval`; () = everywhere). A fresh denoiser per call: a cached
+        one keeps per-trajectory state."""
         clip = self.config.sample.clip_x0 if clip_x0 is None else clip_x0
         clip = clip and self.vae is None  # latents have no fixed range to clip to
         net = self.network(cache_interval)
+        gi = self.config.sample.guidance_interval if guidance_interval is None else guidance_interval
+        if gi and not (len(gi) == 2 and 0 <= gi[0] < gi[1]):
+            raise ConfigError(f"guidance interval must be lo,hi noise levels (sigma) with "
+                              f"0 <= lo < hi, got {list(gi)}")
+        interval = (float(gi[0]), float(gi[1])) if gi else None
         if self.config.model.guidance_input:  # a guidance-distilled student: one call
             w = self.config.sample.guidance if guidance is None else guidance
             if w < 0:
                 raise ConfigError(f"guidance must be >= 0, got {w}")
-            w_in = torch.tensor(float(w))
-            return NetworkDenoiser(lambda x, t, c=None: net(x, t, c, w=w_in), self.schedule,
-                                   self.config.diffusion.prediction, clip_x0=clip,
-                                   autocast=self.precision.autocast)
+            rows = GuidedDenoiser(None, 0, float(w), interval=interval, schedule=self.schedule)
+
+            def student(x, t, c=None):
+                w_in = torch.as_tensor(rows.weights(t, x.shape[0]), dtype=torch.float32)
+                return net(x, t, c, w=w_in.to(x.device))
+
+            return NetworkDenoiser(student, self.schedule, self.config.diffusion.prediction,
+                                   clip_x0=clip, autocast=self.precision.autocast)
         if not self.num_classes:
             if guidance is not None:
                 raise ConfigError("guidance needs a class-conditional run (model.num_classes > 0)")
@@ -228,7 +241,8 @@ class LoadedRun:
             raise ConfigError(f"guidance must be >= 0, got {w}")
         inner = NetworkDenoiser(net, self.schedule, self.config.diffusion.prediction,
                                 clip_x0=False, autocast=self.precision.autocast)
-        return GuidedDenoiser(inner, self.num_classes, w, clip_x0=clip)
+        return GuidedDenoiser(inner, self.num_classes, w, clip_x0=clip, interval=interval,
+                              schedule=self.schedule)
 
 
 def inference_precision(cfg: Config, device: str | torch.device,

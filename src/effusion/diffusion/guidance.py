@@ -25,6 +25,21 @@ def sigma_of_t(schedule: Schedule, t: torch.Tensor | int) -> torch.Tensor:
     return ((1 - ab) / ab).sqrt()
 
 
+def interval_weights(weight: float, interval: tuple[float, float] | None,
+                     schedule: Schedule | None, t: torch.Tensor | int, b: int
+                     ) -> torch.Tensor | float:
+    """Guidance weight per row of a batch of `b` at timesteps `t`: `weight` where sigma_t is
+    in `interval` (or everywhere when it is None), 1 (plain conditional) elsewhere."""
+    if interval is None:
+        return weight
+    lo, hi = interval
+    sig = sigma_of_t(schedule, t)
+    sig = sig.expand(b) if sig.numel() == 1 else sig
+    inside = (sig >= lo) & (sig <= hi)
+    return torch.where(inside, torch.tensor(float(weight), dtype=torch.float64),
+                       torch.tensor(1.0, dtype=torch.float64)).float()
+
+
 class GuidedDenoiser:
     """Wraps an unclipped Denoiser; both halves go through the network in one batch.
 
@@ -43,14 +58,7 @@ class GuidedDenoiser:
 
     def weights(self, t: torch.Tensor | int, b: int) -> torch.Tensor | float:
         """The guidance weight per row: `weight` inside the interval, 1 outside."""
-        if self.interval is None:
-            return self.weight
-        lo, hi = self.interval
-        sig = sigma_of_t(self.schedule, t).expand(b) if torch.as_tensor(t).ndim == 0 \
-            else sigma_of_t(self.schedule, t)
-        inside = (sig >= lo) & (sig <= hi)
-        return torch.where(inside, torch.tensor(float(self.weight), dtype=torch.float64),
-                           torch.tensor(1.0, dtype=torch.float64)).float()
+        return interval_weights(self.weight, self.interval, self.schedule, t, b)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor | int,
                  cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch.nn as nn
 from effusion.config import Config, ConfigError, DataConfig
 from effusion.data import to_model_range
 from effusion.diffusion import GuidedDenoiser, NetworkDenoiser, Schedule, schedule_for
+from effusion.diffusion.guidance import interval_weights
 from effusion.models import VAE, UNet, build_model, latent_size
 from effusion.models.cache import CachedUNet
 from effusion.models.exported import OnnxNetwork, OpenVinoNetwork, load_graph
@@ -215,10 +216,9 @@ class LoadedRun:
             w = self.config.sample.guidance if guidance is None else guidance
             if w < 0:
                 raise ConfigError(f"guidance must be >= 0, got {w}")
-            rows = GuidedDenoiser(None, 0, float(w), interval=interval, schedule=self.schedule)
-
             def student(x, t, c=None):
-                w_in = torch.as_tensor(rows.weights(t, x.shape[0]), dtype=torch.float32)
+                w_rows = interval_weights(float(w), interval, self.schedule, t, x.shape[0])
+                w_in = torch.as_tensor(w_rows, dtype=torch.float32)
                 return net(x, t, c, w=w_in.to(x.device))
 
             return NetworkDenoiser(student, self.schedule, self.config.diffusion.prediction,

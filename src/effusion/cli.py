@@ -319,6 +319,9 @@ def evaluate(
     cache_interval: Optional[int] = typer.Option(None, "--cache-interval", help="DeepCache interval for the samples (1 = off; default: the run's)."),
     guidance_sweep: Optional[str] = typer.Option(None, "--guidance-sweep", help="Class-conditional runs: score each weight of a comma list, e.g. 0,1,2,3,5."),
     guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="Guidance only at noise levels sigma in lo,hi ('all' = every step; default: the run's)."),
+    per_class: bool = typer.Option(False, "--per-class", help="Class-conditional runs: FID/KID, recall and class accuracy per class, and head vs tail by training class counts."),
+    ema_sweep: Optional[str] = typer.Option(None, "--ema-sweep", help="Runs with post-hoc EMA snapshots: score the EMA rebuilt at each sigma_rel of a comma list, e.g. 0.03,0.05,0.1,0.2."),
+    ema_decays: Optional[str] = typer.Option(None, "--ema-decays", help="With --ema-sweep: also fixed decays (bias-corrected), e.g. 0.999,0.9999."),
     seed: int = typer.Option(123, "--seed"),
     features: Optional[Path] = typer.Option(None, "--features", help="Classifier run for features (default: cached, trained once)."),
     bpd_n: int = typer.Option(256, "--bpd-n", help="Held-out images for bits/dim (0 = skip)."),
@@ -343,10 +346,16 @@ def evaluate(
     if guidance_sweep is not None:
         return _guidance_sweep(run, guidance_sweep, n, sampler, steps, seed, clf, ema,
                                device, as_json, _interval(guidance_interval))
+    if ema_sweep is not None or ema_decays is not None:
+        return _ema_sweep(run, ema_sweep or "", ema_decays or "", n, sampler, steps, guidance,
+                          seed, clf, device, as_json)
     if run is not None:
         r = evaluate_run(run, n, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
                          cache_interval=cache_interval, features=clf, bpd_n=bpd_n, bpd_strata=bpd_strata, ema=ema,
-                         device=device, guidance_interval=_interval(guidance_interval))
+                         device=device, guidance_interval=_interval(guidance_interval),
+                         per_class=per_class)
+    elif per_class:
+        raise ConfigError("--per-class needs --run DIR (a class-conditional run)")
     else:
         r = evaluate_images(arr, data, features=clf)
     if as_json:
@@ -366,9 +375,79 @@ def evaluate(
     if "bpd" in r:
         typer.echo(f"| bits/dim ({r['bpd_split']} images, n={r['bpd_images']}) | "
                    f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f} | - |")
+    if "per_class" in r:
+        _per_class_table(r["per_class"])
     typer.echo(f"features: {r['features']}")
     if run is not None:
         typer.echo(f"wrote {run / 'metrics.json'}")
+
+
+def _num(v, fmt: str = ".2f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _per_class_table(pc: dict) -> None:
+    typer.echo("\n| class | train images | n | FID | KID | precision | recall | class accuracy |")
+    typer.echo("|---|---|---|---|---|---|---|---|")
+    rows = [(c, r) for c, r in pc["classes"].items()]
+    rows += [(g, pc[g]) for g in ("head", "tail") if g in pc]
+    for c, r in rows:
+        label = f"{c} ({','.join(pc['groups'][c])})" if c in ("head", "tail") else c
+        typer.echo(f"| {label} | {r.get('train_images', '-')} | {r.get('n', '-')} | "
+                   f"{_num(r['fid'])} | {_num(r['kid'], '.1f')} | {_num(r['precision'], '.3f')} | "
+                   f"{_num(r['recall'], '.3f')} | {_num(r['class_accuracy'], '.3f')} |")
+    typer.echo(f"(FID where both sides have more than {pc['feature_dim']} images, else '-': "
+               "read the KID there)")
+
+
+def _floats(spec: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes a comma list of numbers, got {spec!r}") from None
+
+
+def _ema_sweep(run: Optional[Path], spec: str, decays: str, n: int, sampler, steps, guidance,
+               seed: int, features, device: str, as_json: bool) -> None:
+    from effusion.evaluate import ema_sweep
+
+    if run is None:
+        raise ConfigError("--ema-sweep needs --run DIR")
+    r = ema_sweep(run, _floats(spec, "--ema-sweep"), _floats(decays, "--ema-decays"), n,
+                  sampler=sampler, steps=steps, guidance=guidance, seed=seed, features=features,
+                  device=device, progress=not as_json)
+    if as_json:
+        emit_json(r)
+        return
+    typer.echo("| EMA | FID | precision | recall | coverage | class accuracy | fit residual |")
+    typer.echo("|---|---|---|---|---|---|---|")
+    for x in r["sweep"]:
+        mark = " (best)" if x["ema"] == r["best"] else ""
+        typer.echo(f"| {x['ema']}{mark} | {x['fid']:.2f} | {x['precision']:.3f} | "
+                   f"{x['recall']:.3f} | {x['coverage']:.4f} | {_num(x.get('class_accuracy'), '.3f')} | "
+                   f"{_num(x.get('residual'), '.3g')} |")
+    typer.echo(f"wrote {run / 'ema_sweep.json'}")
+
+
+@app.command()
+@user_errors
+def ema(
+    run: Path = typer.Option(..., "--run", help="A run trained with train.posthoc_ema (its posthoc/ snapshots)."),
+    out: Path = typer.Option(..., "--out", help="New run directory with the rebuilt EMA."),
+    sigma_rel: Optional[float] = typer.Option(None, "--sigma-rel", help="Power EMA of this relative width (EDM2), e.g. 0.1."),
+    decay: Optional[float] = typer.Option(None, "--decay", help="Or: a fixed decay (bias-corrected), e.g. 0.999."),
+    step: Optional[int] = typer.Option(None, "--step", help="Average up to this step (default: the last snapshot)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Post-hoc EMA (Karras et al. 2024): rebuild the EMA of any length after training."""
+    from effusion.train.posthoc import Target, write_posthoc_run
+
+    r = write_posthoc_run(run, out, Target(sigma_rel=sigma_rel, decay=decay), step)
+    if as_json:
+        emit_json(r)
+        return
+    typer.echo(f"{r['target']} at step {r['step']} from {r['snapshots']} snapshots "
+               f"(profile fit residual {r['residual']:.3g}); wrote {r['out']}")
 
 
 def _feature_classifier(data, as_json: bool):

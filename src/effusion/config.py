@@ -32,6 +32,10 @@ class DataConfig:
     translate: int = 0  # max random shift in pixels (reflect-padded random crop)
     val_fraction: float = 0.1  # held out from training (fixed split): validation, bits/dim
     skip_bad_images: bool = False  # folder: an unreadable image file is an error unless true
+    # Long-tailed subset of a labelled source: class k (0 = head) keeps
+    # n_max * imbalance^(-k / (K - 1)) images, n_max = the smallest class's count; 0 = off
+    imbalance: float = 0.0
+    imbalance_seed: int = 0  # which images the long-tailed subset keeps
 
 
 @dataclass
@@ -127,6 +131,23 @@ class TrainConfig:
     eval_every: int = 0  # diffusion: FID on eval_n EMA samples every N steps (0 = off)
     eval_n: int = 256
     eval_features: str = ""  # classifier run for eval_every's FID; "" = the cached default
+    # Long-tailed data: a class-balanced sampler draws image i with probability proportional
+    # to w(n_class(i)) / n_class(i): none (w = n: the data as it is), inverse (w = 1: every
+    # class equally often), sqrt (w = sqrt n), effective_number (w = n (1 - beta) /
+    # (1 - beta^n), Cui et al. 2019, beta = reweight_beta)
+    reweight: Literal["none", "inverse", "sqrt", "effective_number"] = "none"
+    reweight_beta: float = 0.999
+    # Post-hoc EMA (Karras et al. 2024): power-function EMAs with these relative widths
+    # (sigma_rel), saved every posthoc_every steps to posthoc/; `effusion ema` rebuilds the
+    # EMA of any width from them. () = off
+    posthoc_ema: tuple[float, ...] = ()
+    posthoc_every: int = 50
+    # Remedies (README, Quality): within-class spread of the feature-space x0 error,
+    # x0 losses at 1/2, 1/4 ... resolution (weights[0] scales the plain loss), and a
+    # feature-space x0 loss at low noise (SNR >= 1), all through the data's feature classifier
+    diversity_weight: float = 0.0
+    multiscale_weights: tuple[float, ...] = ()
+    feature_loss_weight: float = 0.0
 
 
 @dataclass
@@ -316,6 +337,16 @@ def validate(cfg: Config) -> None:
         (cfg.train.budget_min_steps >= 0, "train.budget_min_steps must be >= 0 (0 = never "
          "narrow the network for the time budget)"),
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
+        (cfg.data.imbalance == 0 or cfg.data.imbalance >= 1, "data.imbalance must be 0 (off) "
+         "or a head-to-tail ratio >= 1"),
+        (0.0 < cfg.train.reweight_beta < 1.0, "train.reweight_beta must be in (0, 1)"),
+        (all(0.0 < s < 0.3 for s in cfg.train.posthoc_ema), "train.posthoc_ema holds relative "
+         "EMA widths sigma_rel in (0, 0.3), e.g. [0.05, 0.1]"),
+        (cfg.train.posthoc_every >= 1, "train.posthoc_every must be >= 1"),
+        (cfg.train.diversity_weight >= 0, "train.diversity_weight must be >= 0"),
+        (cfg.train.feature_loss_weight >= 0, "train.feature_loss_weight must be >= 0"),
+        (all(w >= 0 for w in cfg.train.multiscale_weights), "train.multiscale_weights must "
+         "be >= 0, e.g. [1, 0.5, 0.25]"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),

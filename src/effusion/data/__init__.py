@@ -1,8 +1,10 @@
 """Data sources, augmentation and the resumable batch stream."""
 
-from effusion.data.loader import BatchLoader, BatchStream, augment, to_model_range, to_uint8
-from effusion.data.sources import DataError, ImageSet, load_source, split, subset
+from effusion.data.loader import (BatchLoader, BatchStream, WeightedBatchStream, augment,
+                                  class_weights, make_stream, to_model_range, to_uint8)
+from effusion.data.sources import (DataError, ImageSet, load_source, long_tail_counts,
+                                   long_tailed, split, subset)
 
-__all__ = ["BatchLoader", "BatchStream", "DataError", "ImageSet", "augment", "load_source", "split", "subset",
-           "to_model_range",
-           "to_uint8"]
+__all__ = ["BatchLoader", "BatchStream", "DataError", "ImageSet", "WeightedBatchStream", "augment",
+           "class_weights", "load_source", "long_tail_counts", "long_tailed", "make_stream",
+           "split", "subset", "to_model_range", "to_uint8"]

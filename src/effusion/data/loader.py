@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from effusion.config import DataConfig
-from effusion.data.sources import ImageSet
+from effusion.data.sources import DataError, ImageSet
 
 
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +102,65 @@ class BatchStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._perm = self._permutation(self.epoch)
+
+
+REWEIGHTS = ("none", "inverse", "sqrt", "effective_number")
+
+
+def class_weights(counts: torch.Tensor, scheme: str, beta: float = 0.999) -> torch.Tensor:
+    """How often each class should be drawn, relative (K,), for class sizes `counts`:
+    none ~ n (the data as it is), inverse ~ 1 (class-balanced), sqrt ~ sqrt(n),
+    effective_number ~ n (1 - beta) / (1 - beta^n) (Cui et al. 2019: the effective number
+    of samples (1 - beta^n) / (1 - beta), inverse-weighted, times n)."""
+    n = counts.double()
+    if scheme == "none":
+        w = n
+    elif scheme == "inverse":
+        w = (n > 0).double()
+    elif scheme == "sqrt":
+        w = n.sqrt()
+    elif scheme == "effective_number":
+        w = torch.where(n > 0, n * (1 - beta) / (1 - beta ** n.clamp_min(1)), torch.zeros_like(n))
+    else:
+        raise ValueError(f"unknown reweighting {scheme!r}; choose one of {REWEIGHTS}")
+    return w / w.sum()
+
+
+@dataclass
+class WeightedBatchStream(BatchStream):
+    """Batches drawn with replacement, image i with probability w(c_i) / n(c_i)
+    (`class_weights`): a class-balanced sampler for long-tailed data. An "epoch" is
+    len(data) draws; each batch's draw comes from a generator seeded by (seed, position),
+    so the position alone resumes it, like `BatchStream`."""
+
+    reweight: str = "inverse"
+    beta: float = 0.999
+
+    def __post_init__(self) -> None:
+        if self.data.labels is None:
+            raise DataError(f"train.reweight={self.reweight} needs labelled data")
+        counts = torch.bincount(self.data.labels, minlength=self.data.num_classes)
+        per_class = class_weights(counts, self.reweight, self.beta)
+        self._p = (per_class / counts.double().clamp_min(1))[self.data.labels].float()
+
+    def next_indices(self) -> torch.Tensor:
+        drawn = self.epoch * len(self.data) + self.index
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + drawn + 13)
+        sel = torch.multinomial(self._p, self.batch_size, replacement=True, generator=g)
+        drawn += self.batch_size
+        self.epoch, self.index = divmod(drawn, len(self.data))
+        return sel
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def make_stream(data: ImageSet, batch_size: int, seed: int, reweight: str = "none",
+                beta: float = 0.999) -> BatchStream:
+    """The training batch stream: shuffled epochs, or class-reweighted draws."""
+    if reweight == "none":
+        return BatchStream(data, batch_size, seed)
+    return WeightedBatchStream(data, batch_size, seed, reweight=reweight, beta=beta)
 
 
 class BatchLoader:

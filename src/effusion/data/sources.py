@@ -236,7 +236,37 @@ def load_source(cfg: DataConfig) -> ImageSet:
         keep = torch.randperm(len(data), generator=g)[: min(cfg.limit, len(data))].sort().values
         data = ImageSet(data.images[keep], None if data.labels is None else data.labels[keep],
                         data.class_names)
+    if cfg.imbalance:
+        data = long_tailed(data, cfg.imbalance, cfg.imbalance_seed)
     return data
+
+
+def long_tail_counts(n_max: int, num_classes: int, ratio: float) -> list[int]:
+    """Images kept per class for a long-tailed subset (Cui et al. 2019's exponential
+    profile): class k keeps round(n_max * ratio^(-k / (K - 1))), at least 1; class 0 is
+    the head (n_max), class K-1 the tail (n_max / ratio)."""
+    if num_classes < 2:
+        raise DataError("data.imbalance needs at least 2 classes")
+    return [max(1, round(n_max * ratio ** (-k / (num_classes - 1)))) for k in range(num_classes)]
+
+
+def long_tailed(data: ImageSet, ratio: float, seed: int = 0) -> ImageSet:
+    """A long-tailed subset of labelled data (`long_tail_counts`, n_max = the smallest
+    class's count, so every class can fill its quota); which images each class keeps is
+    a random draw fixed by `seed`."""
+    if data.labels is None:
+        raise DataError("data.imbalance needs a labelled source (mnist5k, digits, shapes, "
+                        "npz with labels, folder with class subfolders)")
+    counts = torch.bincount(data.labels, minlength=data.num_classes)
+    if int(counts.min()) == 0:
+        raise DataError(f"data.imbalance: class {int(counts.argmin())} has no images")
+    quota = long_tail_counts(int(counts.min()), len(counts), ratio)
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for k, q in enumerate(quota):
+        idx = (data.labels == k).nonzero().flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:q]])
+    return subset(data, torch.cat(keep).sort().values)
 
 
 def subset(data: ImageSet, index: torch.Tensor) -> ImageSet:

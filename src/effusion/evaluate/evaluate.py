@@ -46,6 +46,51 @@ def score(scorer: FeatureScorer, images: torch.Tensor, requested: torch.Tensor |
     return out
 
 
+def per_class_scores(scorer: FeatureScorer, images: torch.Tensor, requested: torch.Tensor,
+                     reference: torch.Tensor, reference_labels: torch.Tensor,
+                     train_counts: torch.Tensor | None = None) -> dict[str, Any]:
+    """Per requested class: FID, KID, precision, recall and class accuracy of its samples
+    against the reference images of that class. FID needs a full-rank covariance: it is
+    given where both sides have more images than feature dimensions, else null (use the
+    KID there, unbiased at any size). With `train_counts` (images per class in training)
+    that differ by 2x or more, the classes are split by it into head (largest third),
+    tail (smallest third) and the rest, and each metric is averaged over head and tail."""
+    feats, probs = scorer.classifier.predict(images)
+    pred = probs.argmax(1)
+    dim = feats.shape[1]
+    rows: dict[str, dict[str, Any]] = {}
+    for c in sorted(set(requested.tolist())):
+        f, r = feats[requested == c], reference[reference_labels == c]
+        if min(len(f), len(r)) < 4:
+            raise ValueError(f"class {c}: {len(f)} samples and {len(r)} reference images; "
+                             "per-class scores need at least 4 of each (raise --n)")
+        kid_mean, kid_std = kid(r, f, subset_size=min(1000, len(f)))
+        prec, rec = precision_recall(r, f)
+        rows[str(c)] = {"n": len(f), "n_reference": len(r),
+                        "fid": fid(r, f) if min(len(f), len(r)) > dim else None,
+                        "kid": kid_mean, "kid_std": kid_std, "precision": prec, "recall": rec,
+                        "class_accuracy": class_accuracy(pred[requested == c],
+                                                         requested[requested == c])}
+        if train_counts is not None:
+            rows[str(c)]["train_images"] = int(train_counts[c]) if c < len(train_counts) else 0
+    out: dict[str, Any] = {"classes": rows, "feature_dim": dim}
+    if train_counts is not None and len(rows) >= 3:
+        counts = {c: rows[c]["train_images"] for c in rows}
+        if min(counts.values()) * 2 <= max(counts.values()):
+            order = sorted(rows, key=lambda c: -counts[c])
+            third = max(1, len(order) // 3)
+            groups = {"head": order[:third], "tail": order[-third:]}
+            out["groups"] = groups
+            for g, members in groups.items():
+                out[g] = {m: _mean([rows[c][m] for c in members]) for m in
+                          ("fid", "kid", "precision", "recall", "class_accuracy")}
+    return out
+
+
+def _mean(values: list[Any]) -> float | None:
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
 FLOOR_SEED = 1
 
 
@@ -89,14 +134,17 @@ def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = No
                  cache_interval: int | None = None, features: Features = None,
                  bpd_n: int = 256, bpd_strata: int = 50,
                  ema: bool = True, device: str = "auto",
-                 guidance_interval: tuple[float, ...] | None = None) -> dict[str, Any]:
+                 guidance_interval: tuple[float, ...] | None = None,
+                 per_class: bool = False) -> dict[str, Any]:
     """Sample `n` images from a run, score them, and write `RUN/metrics.json`.
 
     Class-conditional runs are asked for an even spread of classes and also get
     `class_accuracy`. Bits/dim is estimated on up to `bpd_n` images of the run's held-out
     split (its training images if it has none: `bpd_split` says which); 0 skips it.
     `features`: see `Features`; the cached default must exist (`effusion evaluate` trains
-    it once; from Python, `effusion.recipes.feature_classifier(data)`).
+    it once; from Python, `effusion.recipes.feature_classifier(data)`). `per_class` adds
+    `per_class_scores` (class-conditional runs), with head and tail by the run's training
+    class counts.
     """
     run_dir = Path(run_dir)
     run = load_run(run_dir, ema=ema, device=device)
@@ -108,7 +156,7 @@ def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = No
         "cache_interval": cfg.sample.cache_interval if cache_interval is None else cache_interval,
         "features": str(scorer.classifier.run_dir),
         **_sample_and_score(run, scorer, n, sampler, steps, guidance, seed, cache_interval,
-                            guidance_interval)}
+                            guidance_interval, per_class)}
     if bpd_n and run.vae is not None:
         result["bpd_note"] = ("not computed: bits/dim is a pixel-space likelihood, and this "
                               "run models VAE latents")
@@ -122,17 +170,35 @@ def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = No
 def _sample_and_score(run: LoadedRun, scorer: FeatureScorer, n: int, sampler: str | None,
                       steps: int | None, guidance: float | None, seed: int,
                       cache_interval: int | None = None,
-                      guidance_interval: tuple[float, ...] | None = None) -> dict[str, Any]:
+                      guidance_interval: tuple[float, ...] | None = None,
+                      per_class: bool = False) -> dict[str, Any]:
     requested = class_labels(None, n, run.num_classes) if run.num_classes else None
+    if per_class and requested is None:
+        raise ConfigError(f"per-class scores need a class-conditional run; {run.run_dir} has "
+                          "model.num_classes = 0")
     t0 = time.perf_counter()
     images = generate(run, n, sampler=sampler, steps=steps, seed=seed, cond=requested,
                       guidance=guidance, cache_interval=cache_interval,
                       guidance_interval=guidance_interval)
     w = (run.config.sample.guidance if guidance is None else guidance) if run.num_classes else None
     gi = run.config.sample.guidance_interval if guidance_interval is None else guidance_interval
-    return {"guidance": w, "guidance_interval": list(gi) if w is not None else None,
-            "sample_seconds": round(time.perf_counter() - t0, 2),
-            **score(scorer, images, requested, reference=reference_for(scorer, n))}
+    out = {"guidance": w, "guidance_interval": list(gi) if w is not None else None,
+           "sample_seconds": round(time.perf_counter() - t0, 2),
+           **score(scorer, images, requested, reference=reference_for(scorer, n))}
+    if per_class:
+        rest = floor_split(scorer, n)[1]
+        out["per_class"] = per_class_scores(scorer, images, requested, scorer.real_features[rest],
+                                            scorer.real_labels[rest], training_counts(run.config))
+    return out
+
+
+def training_counts(cfg) -> torch.Tensor | None:
+    """Images per class in a run's training split (None for unlabelled data)."""
+    train_set, _ = split(load_source(replace(cfg.data, hflip=False, rotate=0.0, translate=0)),
+                         cfg.data.val_fraction)
+    if train_set.labels is None:
+        return None
+    return torch.bincount(train_set.labels, minlength=train_set.num_classes)
 
 
 def guidance_sweep(run_dir: str | Path, weights: list[float], n: int = 1000, *,
@@ -244,4 +310,45 @@ def evaluate_images(images: torch.Tensor | str | Path, data: str | DataConfig = 
               "real_floor": real_floor(scorer, len(images))}
     if out is not None:
         write_json(Path(out), result)
+    return result
+
+
+def ema_sweep(run_dir: str | Path, sigma_rels: list[float], decays: list[float] = (),
+              n: int = 1000, *, sampler: str | None = None, steps: int | None = None,
+              guidance: float | None = None, seed: int = 123, features: Features = None,
+              device: str = "auto", progress: bool = False) -> dict[str, Any]:
+    """Score a run's EMA at several lengths rebuilt after training from its post-hoc EMA
+    snapshots (`effusion.train.posthoc`): power EMAs of each sigma_rel and bias-corrected
+    fixed decays, next to the EMA the run tracked itself. Same seeds and classes for every
+    row; writes `RUN/ema_sweep.json`. The best row by FID is marked."""
+    from effusion.train.posthoc import Target, list_snapshots, reconstruct
+
+    run_dir = Path(run_dir)
+    list_snapshots(run_dir)  # a clear error before anything is sampled
+    targets = [Target(sigma_rel=s) for s in sigma_rels] + [Target(decay=d) for d in decays]
+    if not targets:
+        raise ConfigError("--ema-sweep needs at least one sigma_rel (or --ema-decays)")
+    run = load_run(run_dir, ema=True, device=device)
+    scorer = _scorer(run.config.data, features)
+    tracked = {k: v.clone() for k, v in run.model.state_dict().items()}
+    tc = run.config.train
+    rows = [{"ema": f"tracked (decay {tc.ema_decay:g}" + (", warm-up)" if tc.ema_warmup else ")"),
+             **_sample_and_score(run, scorer, n, sampler, steps, guidance, seed)}]
+    for target in targets:
+        state, info = reconstruct(run_dir, target, run.step)
+        run.model.load_state_dict(state)
+        rows.append({"ema": target.label, "sigma_rel": target.sigma_rel, "decay": target.decay,
+                     "residual": info["residual"],
+                     **_sample_and_score(run, scorer, n, sampler, steps, guidance, seed)})
+        if progress:
+            r = rows[-1]
+            print(f"{target.label}: FID {r['fid']:.2f}, precision {r['precision']:.3f}, "
+                  f"recall {r['recall']:.3f} (profile fit residual {info['residual']:.3g})",
+                  flush=True)
+    run.model.load_state_dict(tracked)
+    best = min(range(len(rows)), key=lambda i: rows[i]["fid"])
+    result = {"run": str(run_dir), "step": run.step, "n": n, "seed": seed,
+              "features": str(scorer.classifier.run_dir), "sweep": rows, "best": rows[best]["ema"],
+              "real_floor": real_floor(scorer, n)}
+    write_json(run_dir / "ema_sweep.json", result)
     return result

@@ -85,9 +85,9 @@ class FeatureScorer:
     @classmethod
     def for_data(cls, data: DataConfig, classifier: LoadedClassifier | None = None
                  ) -> "FeatureScorer":
-        """Reference = every image of the source (augmentations off, no limit); the
+        """Reference = every image of the source (augmentations off, no limit, balanced); the
         classifier defaults to the cached one for the data."""
-        clean = replace(data, limit=0, hflip=False, rotate=0.0, translate=0)
+        clean = replace(data, limit=0, imbalance=0.0, hflip=False, rotate=0.0, translate=0)
         clf = classifier or default_feature_classifier(clean)
         real = load_source(clean)
         feats, _ = clf.predict(real.images)

@@ -30,7 +30,7 @@ from effusion.runs import LoadedRun, LoadedVAE, load_classifier, load_vae, write
 from effusion.runs.files import VAE_INFO, checkpoint_name
 from effusion.sampling import generate
 from effusion.train.loop import PlainRecipe, TaskContext, TrainData, load_training_data
-from effusion.train.objective import diffusion_loss
+from effusion.train.objective import X0Terms, diffusion_loss
 
 
 class _GridTask:
@@ -80,6 +80,7 @@ class DiffusionTask(_GridTask):
         # latents encoded once, or, with augmentation, pixels to encode here; never guessed
         # from a batch's channel count (equal for a 3-channel VAE on RGB).
         self.encode_batches = vae is not None and has_augmentation(cfg.data)
+        self.terms = x0_terms(cfg, ctx.prec.device)
         self.scorer = None
         if cfg.train.eval_every:
             with torch.random.fork_rng(devices=[]):  # training the default one must not
@@ -94,7 +95,7 @@ class DiffusionTask(_GridTask):
             x0 = self.vae.encode(x0)  # augmented pixels: encoded on the fly
         return diffusion_loss(model, x0, cond, self.cfg.diffusion, self.schedule, gen,
                               self.prec, self.mem_format, cond_drop=self.cfg.train.cond_drop,
-                              null_class=self.cfg.model.num_classes)
+                              null_class=self.cfg.model.num_classes, terms=self.terms)
 
     def _run(self, ema_model: nn.Module, step: int) -> LoadedRun:
         return LoadedRun(self.run_dir, self.cfg, ema_model, self.schedule, step, self.prec, self.vae)
@@ -114,6 +115,28 @@ class DiffusionTask(_GridTask):
 
     def finish(self, ema_model: nn.Module, step: int) -> Path:
         return self.final_grid(ema_model, step)
+
+
+def x0_terms(cfg: Config, device: torch.device) -> X0Terms | None:
+    """The remedies' extra loss terms of a diffusion run (None: all off). The feature and
+    diversity terms see x0 through the data's feature classifier (the one the metrics use),
+    frozen; they need pixel-space runs."""
+    tc = cfg.train
+    if not (tc.multiscale_weights or tc.feature_loss_weight or tc.diversity_weight):
+        return None
+    features = None
+    if tc.feature_loss_weight or tc.diversity_weight:
+        if cfg.model.space != "pixel":
+            raise ConfigError("train.feature_loss_weight and train.diversity_weight work on "
+                              "pixel-space runs only (the feature classifier sees pixels, "
+                              "this run predicts VAE latents); train.multiscale_weights works "
+                              "on both")
+        with torch.random.fork_rng(devices=[]):  # training it must not move this run's RNG
+            clf = feature_classifier(cfg.data)
+        if clf.quantized:
+            raise ConfigError("the feature and diversity terms need a float feature classifier")
+        features = clf.model.to(device).eval().requires_grad_(False).features
+    return X0Terms(tc.multiscale_weights, tc.feature_loss_weight, tc.diversity_weight, features)
 
 
 class VAETask(_GridTask):

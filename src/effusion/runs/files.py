@@ -252,9 +252,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor],
                     ema: dict[str, torch.Tensor], optimizer: dict[str, Any],
-                    rng: dict[str, torch.Tensor], state: dict[str, Any], keep: int) -> Path:
+                    rng: dict[str, torch.Tensor], state: dict[str, Any], keep: int,
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write a checkpoint atomically and delete all but the newest `keep`. `model`, `ema`
-    and `optimizer` are state_dicts."""
+    and `optimizer` are state_dicts; `extra` maps more file stems to tensors (the
+    post-hoc EMA averages: `posthoc`)."""
     root = Path(run_dir) / CKPT_DIR
     final = root / checkpoint_name(step)
     tmp = root / (checkpoint_name(step) + ".tmp")
@@ -269,6 +271,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: dict[str, torch.Te
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file(cpu(rng), tmp / "rng.safetensors")
+    for stem, tensors in (extra or {}).items():
+        save_file(cpu(tensors), tmp / f"{stem}.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta},
                                                indent=1))
     if final.exists():  # the same step saved again: move the old one aside first

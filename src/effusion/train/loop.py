@@ -137,7 +137,7 @@ def _describe(changes: list[tuple[str, Any, Any]]) -> str:
 
 
 def _clear_outputs(run_dir: Path) -> None:
-    for name in ("checkpoints", "samples", "tb", "metrics.jsonl", NARROWED):
+    for name in ("checkpoints", "samples", "tb", "metrics.jsonl", NARROWED, "posthoc"):
         p = run_dir / name
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -404,6 +404,10 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
             in_a_row = 0
             state.ema.update(state.model)
             state.step += 1
+            if state.posthoc is not None:
+                state.posthoc.update(state.model, state.step)
+                if state.step % tc.posthoc_every == 0:
+                    state.posthoc.save_snapshot(run_dir, state.step)
             state.images_seen += outcome.images
             last_loss = outcome.loss
             window.add(last_loss)
@@ -451,6 +455,8 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
     last = latest_checkpoint(run_dir, verify=False)  # only its name matters here
     if last is None or last.name != checkpoint_name(state.step):
         checkpoint()
+    if state.posthoc is not None and state.step % tc.posthoc_every:
+        state.posthoc.save_snapshot(run_dir, state.step)  # the average at the last step
     artifact = task.finish(state.ema.model, state.step)
     return TrainResult(run_dir, state.step, state.images_seen, last_loss,
                        state.elapsed_s / 60, artifact)

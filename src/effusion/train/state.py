@@ -16,11 +16,13 @@ import torch
 import torch.nn as nn
 
 from effusion.config import Config
-from effusion.data import BatchLoader, BatchStream, ImageSet
+from effusion.data import BatchLoader, ImageSet, make_stream
 from effusion.precision import Precision
-from effusion.runs.files import check_weights, load_checkpoint_state, read_tensors, save_checkpoint
+from effusion.runs.files import (CheckpointError, check_weights, load_checkpoint_state,
+                                 read_tensors, save_checkpoint)
 from effusion.train.ema import EMA
 from effusion.train.optim import build_optimizer
+from effusion.train.posthoc import PowerEMAs
 from effusion.train.switches import apply_switches
 
 
@@ -36,6 +38,7 @@ class TrainState:
     device: torch.device
     mem_format: torch.memory_format
     switch_notes: list[str] = field(default_factory=list)
+    posthoc: PowerEMAs | None = None  # train.posthoc_ema: the averages post-hoc EMA rebuilds from
     step: int = 0
     images_seen: int = 0
     elapsed_s: float = 0.0
@@ -47,7 +50,8 @@ class TrainState:
         """Fresh state: the model built under the run's seed, with the efficiency switches,
         its EMA, the optimizer, the loss scaler and a resumable batch loader."""
         tc, device = cfg.train, prec.device
-        loader = BatchLoader(BatchStream(train_set, tc.batch_size, tc.seed), cfg.data, tc.seed,
+        stream = make_stream(train_set, tc.batch_size, tc.seed, tc.reweight, tc.reweight_beta)
+        loader = BatchLoader(stream, cfg.data, tc.seed,
                              tc.workers, tc.prefetch, pin=tc.pin_memory and device.type == "cuda")
         torch.manual_seed(tc.seed)  # parameter init and dropout
         model = build_model().to(device)
@@ -55,7 +59,8 @@ class TrainState:
         return cls(model=model, net=net, ema=EMA(model, tc.ema_decay, tc.ema_warmup),
                    optimizer=build_optimizer(model, tc), scaler=prec.make_scaler(),
                    loader=loader, generator=torch.Generator().manual_seed(tc.seed + 1),
-                   device=device, mem_format=mem_format, switch_notes=notes)
+                   device=device, mem_format=mem_format, switch_notes=notes,
+                   posthoc=PowerEMAs(model, tc.posthoc_ema) if tc.posthoc_ema else None)
 
     # ------------------------------------------------------------------ round trip
 
@@ -69,9 +74,12 @@ class TrainState:
                  "data": self.loader.state_dict(), "task": task_state or {}}
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "rng": rng,
-                "state": {**state, "step": self.step}}
+        sd = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+              "optimizer": self.optimizer.state_dict(), "rng": rng,
+              "state": {**state, "step": self.step}}
+        if self.posthoc is not None:
+            sd["posthoc"] = self.posthoc.state_dict()
+        return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
         """Restore everything `state_dict` returned; gives back the task's own state."""
@@ -88,14 +96,18 @@ class TrainState:
         self.elapsed_s, self.skipped_steps = state["elapsed_s"], state["skipped_steps"]
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        if self.posthoc is not None:
+            self.posthoc.load_state_dict(sd["posthoc"])
         return state.get("task", {})
 
     def save(self, run_dir: Path, keep: int, task_state: dict[str, Any] | None = None) -> Path:
         sd = self.state_dict(task_state)
         state = dict(sd["state"])
         step = state.pop("step")
+        extra = {"posthoc": sd["posthoc"]} if "posthoc" in sd else None
         return save_checkpoint(run_dir, step, model=sd["model"], ema=sd["ema"],
-                               optimizer=sd["optimizer"], rng=sd["rng"], state=state, keep=keep)
+                               optimizer=sd["optimizer"], rng=sd["rng"], state=state, keep=keep,
+                               extra=extra)
 
     def restore(self, ckpt: Path) -> dict[str, Any]:
         """Load a checkpoint directory; mismatched or corrupt files are CheckpointErrors
@@ -105,6 +117,12 @@ class TrainState:
             path = ckpt / f"{name}.safetensors"
             weights[name] = read_tensors(path)
             check_weights(weights[name], module, path)
+        if self.posthoc is not None:
+            path = ckpt / "posthoc.safetensors"
+            if not path.is_file():
+                raise CheckpointError(f"{ckpt} holds no post-hoc EMA averages ({path.name}): "
+                                      "the run was started without train.posthoc_ema")
+            weights["posthoc"] = read_tensors(path)
         state, opt_state, rng = load_checkpoint_state(ckpt)
         return self.load_state_dict({**weights, "optimizer": opt_state, "rng": rng,
                                      "state": state})

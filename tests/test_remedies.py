@@ -217,6 +217,9 @@ def test_the_diversity_term_is_zero_when_its_weight_is_zero():
     with_div = _loss(X0Terms(diversity_weight=1.0, features=feats), x0, labels, net)
     with_feat = _loss(X0Terms(feature_weight=1.0, features=feats), x0, labels, net)
     assert with_div > plain and with_feat > plain
+    # the feature term alone scores only the low-noise samples: the same value
+    both = _loss(X0Terms(feature_weight=1.0, diversity_weight=1e-12, features=feats), x0, labels, net)
+    assert both == pytest.approx(with_feat, rel=1e-6)
     with pytest.raises(ValueError, match="need X0Terms.features"):
         _loss(X0Terms(diversity_weight=1.0), x0, labels, net)
 

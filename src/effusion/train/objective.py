@@ -120,14 +120,20 @@ def diffusion_loss(forward: Callable[..., torch.Tensor], x0: torch.Tensor,
     if terms.feature_weight > 0 or terms.diversity_weight > 0:
         if terms.features is None:
             raise ValueError("the feature and diversity terms need X0Terms.features")
+        low = (schedule.snr(t) >= 1.0).to(dev)
+        # The classifier costs more than a narrow U-Net: the feature term alone runs it on
+        # the low-noise samples only (the same loss: the others have weight 0).
+        sel = torch.arange(len(t), device=dev) if terms.diversity_weight > 0 else low.nonzero().flatten()
+        if len(sel) == 0:
+            return loss
         with prec.autocast():
-            f_hat = terms.features(x0_hat.clamp(-1, 1))
+            f_hat = terms.features(x0_hat[sel].clamp(-1, 1))
             with torch.no_grad():
-                f = terms.features(x0)
+                f = terms.features(x0[sel])
         err = f_hat.float() - f.float()
         if terms.feature_weight > 0:
-            low = (schedule.snr(t) >= 1.0).to(dev, err.dtype)
-            loss = loss + terms.feature_weight * (err.square().mean(1) * low).mean()
+            per = err.square().mean(1) * low[sel].to(err.dtype)
+            loss = loss + terms.feature_weight * per.sum() / len(t)
         if terms.diversity_weight > 0:
             loss = loss + terms.diversity_weight * within_class_spread(err, groups, wx0)
     return loss

@@ -84,10 +84,25 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="Latent diffusion: the run directory "
                                        "of a trained VAE (sets model.space=latent)."),
+    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (torchrun: gloo on CPU, nccl on CUDA)."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Machines in the job (run the same command on each)."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="This machine's rank (default: assigned by the rendezvous)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous, the same on every machine (needed with --nnodes > 1)."),
 ) -> None:
     """Train a diffusion model (default: the MNIST recipe in configs/mnist.yaml)."""
+    import os
+
     from effusion.config import load_config
     from effusion.recipes import train as train_fn
+
+    if (nproc > 1 or nnodes > 1) and "WORLD_SIZE" not in os.environ:
+        from effusion.train.distributed import launch
+
+        args = ["train", "--run", str(run)] + [x for kv in set_ for x in ("--set", kv)]
+        args += (["--config", str(config)] if config else []) + (["--vae", str(vae)] if vae else [])
+        args += [flag for flag, on in (("--resume", resume), ("--fresh", fresh), ("--quiet", quiet)) if on]
+        launch(nproc, args, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+        return
 
     if resume:
         cfg = _resumed_config(run, set_, {"--config": config, "--vae": vae})
@@ -99,6 +114,8 @@ def train(
     if not resume:
         cfg = load_config(config, set_)
     result = train_fn(cfg, run, resume=resume, fresh=fresh, progress=not quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return  # data-parallel: rank 0 reports
     typer.echo(f"trained {result.step} steps ({result.images_seen} images) in "
                f"{result.minutes:.1f} min; last loss {result.loss:.4f}")
     if result.grid is not None:

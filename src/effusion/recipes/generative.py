@@ -81,6 +81,8 @@ class DiffusionTask(_GridTask):
         # from a batch's channel count (equal for a 3-channel VAE on RGB).
         self.encode_batches = vae is not None and has_augmentation(cfg.data)
         self.terms = x0_terms(cfg, ctx.prec.device)
+        # data-parallel: this rank's part of each global micro-batch
+        self.shard = ctx.dist.shard(cfg.train.batch_size) if ctx.dist.enabled else None
         self.scorer = None
         if cfg.train.eval_every:
             with torch.random.fork_rng(devices=[]):  # training the default one must not
@@ -95,7 +97,8 @@ class DiffusionTask(_GridTask):
             x0 = self.vae.encode(x0)  # augmented pixels: encoded on the fly
         return diffusion_loss(model, x0, cond, self.cfg.diffusion, self.schedule, gen,
                               self.prec, self.mem_format, cond_drop=self.cfg.train.cond_drop,
-                              null_class=self.cfg.model.num_classes, terms=self.terms)
+                              null_class=self.cfg.model.num_classes, terms=self.terms,
+                              shard=self.shard)
 
     def _run(self, ema_model: nn.Module, step: int) -> LoadedRun:
         return LoadedRun(self.run_dir, self.cfg, ema_model, self.schedule, step, self.prec, self.vae)
@@ -227,7 +230,10 @@ class DiffusionRecipe:
     """The U-Net on images, or on the latents of the VAE run in `model.vae`.
 
     A latent run without augmentation trains on latents encoded once; with augmentation
-    each augmented batch is encoded on the fly (in the task's loss)."""
+    each augmented batch is encoded on the fly (in the task's loss). It trains
+    data-parallel too (`effusion.train.distributed`)."""
+
+    data_parallel = True
 
     def __init__(self) -> None:
         self.vae: LoadedVAE | None = None

@@ -55,3 +55,16 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class NullLogger:
+    """What ranks other than 0 log to in data-parallel training: nothing."""
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        pass
+
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

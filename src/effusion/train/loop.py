@@ -13,6 +13,7 @@ artifact): the diffusion, VAE and classifier recipes live in `effusion.recipes`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -33,7 +34,9 @@ from effusion.precision import (Precision, apply_tf32, precision_reason, resolve
 from effusion.runs.files import (NARROWED, RUNTIME, CheckpointError, checkpoint_name,
                                  latest_checkpoint, list_checkpoints, update_runtime, write_config,
                                  write_json)
-from effusion.train.logging import MetricsLogger
+from effusion.train import distributed
+from effusion.train.distributed import SINGLE, Dist
+from effusion.train.logging import MetricsLogger, NullLogger
 from effusion.train.optim import lr_factor, set_lr
 from effusion.train.state import TrainState
 
@@ -62,6 +65,7 @@ class TaskContext:
     logger: MetricsLogger | None
     train_set: ImageSet
     val_set: ImageSet | None
+    dist: Dist = SINGLE  # data-parallel: this process's rank and the world size
 
 
 class Task(Protocol):
@@ -243,18 +247,21 @@ def train_step(state: TrainState, task: Task, tc) -> tuple[StepOutcome, torch.Te
     """One optimizer step: forward and backward over `grad_accum` micro-batches, clip,
     update. A non-finite loss skips the update (gradients dropped, weights untouched).
     Returns the outcome and the pre-clip gradient norm (nan when clipping is off)."""
-    opt, scaler = state.optimizer, state.scaler
+    opt, scaler, d = state.optimizer, state.scaler, state.dist
     step_loss, images = 0.0, 0
-    for _ in range(tc.grad_accum):
+    for i in range(tc.grad_accum):
         x0, labels = state.loader.next()
-        loss = task.loss(state.net, x0, labels, state.generator)
-        if not torch.isfinite(loss):
-            opt.zero_grad(set_to_none=True)
-            return StepOutcome(math.nan, 0, False), torch.tensor(math.nan)
-        # Equal micro-batches: the mean of their means is the big batch's mean.
-        scaler.scale(loss / tc.grad_accum).backward()
+        # Data-parallel: gradients are all-reduced on the last micro-batch only (no_sync).
+        quiet = state.ddp is not None and i < tc.grad_accum - 1
+        with state.ddp.no_sync() if quiet else contextlib.nullcontext():
+            loss = task.loss(state.net, x0, labels, state.generator)
+            if not distributed.all_true(d, torch.isfinite(loss)):  # every rank skips
+                opt.zero_grad(set_to_none=True)
+                return StepOutcome(math.nan, 0, False), torch.tensor(math.nan)
+            # Equal micro-batches: the mean of their means is the big batch's mean.
+            scaler.scale(loss / tc.grad_accum).backward()
         step_loss += loss.item() / tc.grad_accum
-        images += x0.shape[0]
+        images += x0.shape[0]  # the global micro-batch: every rank counts all of it
     scaler.unscale_(opt)
     grad_norm = (torch.nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip)
                  if tc.grad_clip > 0 else torch.tensor(math.nan))
@@ -296,6 +303,14 @@ def out_of_time(state: TrainState, tc) -> bool:
     return state.elapsed_s >= limit
 
 
+def _stop_for_time(state: TrainState, tc) -> bool:
+    """`out_of_time`, by rank 0's clock for every rank (one broadcast per step, only with
+    a time budget), so that all ranks stop at the same step."""
+    if not tc.max_minutes:
+        return False
+    return bool(distributed.broadcast_flag(state.dist, out_of_time(state, tc)))
+
+
 def plan_budget(state: TrainState, tc, probe: tuple[int, float]) -> int:
     """Steps that fit in the time budget, from the time per step since `probe` (step, elapsed)."""
     p_step, p_elapsed = probe
@@ -315,34 +330,64 @@ def train(cfg: Config, run_dir: str | Path, recipe: Recipe, *, resume: bool = Fa
     run_dir = Path(run_dir)
     if resume and fresh:
         raise ConfigError("--resume and --fresh cannot be used together")
+    d = distributed.from_env()  # torchrun's environment, or one process
+    if d.enabled and not getattr(recipe, "data_parallel", False):
+        raise ConfigError(f"{type(recipe).__name__} trains in one process; data-parallel "
+                          "training (--nproc, torchrun) is built for diffusion runs")
     requested = cfg.train.precision
     cfg, prec, notes = resolve_runtime(cfg)
+    try:
+        device = distributed.setup(d, prec.device)
+        if device != prec.device:
+            prec = Precision(device, prec.mode)
+        distributed.check_batch(d, cfg.train.batch_size)
+        return _train(cfg, run_dir, recipe, resume, fresh, progress, lineage, d, prec,
+                      requested, notes)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg: Config, run_dir: Path, recipe: Recipe, resume: bool, fresh: bool,
+           progress: bool, lineage: list[dict[str, Any]] | None, d: Dist, prec: Precision,
+           requested: str, notes: list[str]) -> TrainResult:
     data = recipe.prepare_data(cfg, prec.device)
-    ckpt, cfg, how = prepare_run_dir(run_dir, data.cfg, resume, fresh)
-    fit = getattr(recipe, "fit_to_budget", None)
-    if ckpt is None and fit is not None:  # a run from scratch may size itself to its budget
-        asked = cfg.model
-        cfg, fitted = fit(cfg, data, prec)
-        notes = notes + ([fitted] if fitted else [])
-        if cfg.model != asked:  # recorded, so that the same command resumes this run
-            write_json(run_dir / NARROWED, {"asked": {"channels": asked.channels,
-                                                      "head_channels": asked.head_channels},
-                                            "trained": {"channels": cfg.model.channels,
-                                                        "head_channels": cfg.model.head_channels},
-                                            "why": fitted})
-    state = TrainState.create(cfg, lambda: recipe.build_model(cfg), data.train_set, prec)
+    ckpt, fitted = None, None
+    if d.main:  # rank 0 alone reads, clears and sizes the run directory; the rest follow it
+        ckpt, cfg, how = prepare_run_dir(run_dir, data.cfg, resume, fresh)
+        fit = getattr(recipe, "fit_to_budget", None)
+        if ckpt is None and fit is not None:  # a run from scratch may size itself to its budget
+            asked = cfg.model
+            cfg, fitted = fit(cfg, data, prec)
+            if cfg.model != asked:  # recorded, so that the same command resumes this run
+                write_json(run_dir / NARROWED, {"asked": {"channels": asked.channels,
+                                                          "head_channels": asked.head_channels},
+                                                "trained": {"channels": cfg.model.channels,
+                                                            "head_channels": cfg.model.head_channels},
+                                                "why": fitted})
+    ckpt, cfg, how, fitted = distributed.broadcast(d, (ckpt, cfg, how if d.main else None, fitted))
+    notes = notes + ([fitted] if fitted else [])
+    state = TrainState.create(cfg, lambda: recipe.build_model(cfg), data.train_set, prec, d)
     task_state = state.restore(ckpt) if ckpt is not None else {}
-    write_config(run_dir, cfg, lineage)
     reason = precision_reason(requested, prec.device)
     notes = [f"precision {reason}"] + notes
-    update_runtime(run_dir, {"device": str(prec.device), "precision": prec.mode,
-                             "precision_reason": reason,
-                             "threads": torch.get_num_threads(), "torch": torch.__version__,
-                             "compile": cfg.train.compile}, reset=True)
-    logger = MetricsLogger(run_dir, resume_step=state.step if ckpt is not None else None)
+    if d.enabled:
+        notes.append(f"data-parallel: {d.world} processes ({'nccl' if prec.device.type == 'cuda' else 'gloo'}), "
+                     f"global batch train.batch_size={cfg.train.batch_size} = {d.world} x "
+                     f"{cfg.train.batch_size // d.world} per rank, lr {cfg.train.lr:g}")
+    if d.main:
+        write_config(run_dir, cfg, lineage)
+        update_runtime(run_dir, {"device": str(prec.device), "precision": prec.mode,
+                                 "precision_reason": reason, "world_size": d.world,
+                                 "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                 "compile": cfg.train.compile}, reset=True)
+        logger: MetricsLogger | NullLogger = MetricsLogger(
+            run_dir, resume_step=state.step if ckpt is not None else None)
+    else:
+        logger = NullLogger()
     try:
-        task = recipe.make_task(TaskContext(cfg, run_dir, prec, state.mem_format, logger,
-                                            data.train_set, data.val_set))
+        task = recipe.make_task(TaskContext(cfg, run_dir, prec, state.mem_format,
+                                            logger if d.main else None,
+                                            data.train_set, data.val_set, d))
         if ckpt is not None:
             task.load_state_dict(task_state)
         held = f", {len(data.val_set)} held out" if data.val_set is not None else ""
@@ -350,8 +395,10 @@ def train(cfg: Config, run_dir: str | Path, recipe: Recipe, *, resume: bool = Fa
         for line in [f"training {count_params(state.model) / 1e6:.2f}M params ({kind}) on "
                      f"{len(data.train_set)} images{held} ({cfg.data.source}), "
                      f"{prec.device.type} {prec.mode}, run dir {run_dir}", how] + notes + state.switch_notes:
-            print(f"effusion: {line}")
-        return _fit(cfg, run_dir, state, task, logger, progress, lineage)
+            if d.main:
+                print(f"effusion: {line}")
+        distributed.barrier(d)  # config.yaml and the logs are in place before anyone trains
+        return _fit(cfg, run_dir, state, task, logger, progress and d.main, lineage)
     finally:
         state.loader.close()
         logger.close()  # also when training fails, so nothing is lost from metrics.jsonl
@@ -366,20 +413,29 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
     window = _LogWindow(state.images_seen)
     t0 = time.perf_counter() - state.elapsed_s
     last_loss, in_a_row, compile_logged = math.nan, 0, False
-    checkpoint = lambda: state.save(run_dir, tc.keep_checkpoints, task.state_dict())  # noqa: E731
+    d = state.dist
+
+    def checkpoint() -> None:  # rank 0 writes; the others wait until it is whole
+        if d.main:
+            state.save(run_dir, tc.keep_checkpoints, task.state_dict())
+        distributed.barrier(d)
+
     # Where the time per step is measured from, if the time budget still needs its plan.
     plan_step = PLAN_AT if state.step < PLAN_AT else state.step + PLAN_AT - PROBE_FROM
     probe: tuple[int, float] | None = None
     state.model.train()
     try:
-        while progress_of(state, tc) < 1.0 and not out_of_time(state, tc):
+        while progress_of(state, tc) < 1.0 and not _stop_for_time(state, tc):
             if tc.max_minutes and not tc.budget_steps:
                 if probe is None and state.step >= min(PROBE_FROM, plan_step - 1):
                     probe = (state.step, state.elapsed_s)
                 elif probe is not None and state.step >= plan_step:
-                    cfg = replace(cfg, train=replace(tc, budget_steps=plan_budget(state, tc, probe)))
+                    # rank 0's clock decides, for every rank
+                    planned = distributed.broadcast(d, plan_budget(state, tc, probe))
+                    cfg = replace(cfg, train=replace(tc, budget_steps=planned))
                     tc = cfg.train
-                    write_config(run_dir, cfg, lineage)
+                    if d.main:
+                        write_config(run_dir, cfg, lineage)
                     logger.log(state.step, {"budget_steps": tc.budget_steps})
                     bar.write(f"effusion: train.max_minutes={tc.max_minutes:g} planned as "
                               f"train.budget_steps={tc.budget_steps} (measured "
@@ -406,7 +462,7 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
             state.step += 1
             if state.posthoc is not None:
                 state.posthoc.update(state.model, state.step)
-                if state.step % tc.posthoc_every == 0:
+                if state.step % tc.posthoc_every == 0 and d.main:
                     state.posthoc.save_snapshot(run_dir, state.step)
             state.images_seen += outcome.images
             last_loss = outcome.loss
@@ -435,7 +491,8 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
                 logger.log(state.step, line)
                 bar.set_postfix_str(f"step {state.step} loss {line['loss']:.4f} "
                                     f"{line['images_per_s']:.0f} img/s")
-            evals = task.periodic(state.ema.model, state.step, state.loader.epoch > epoch_before)
+            evals = (task.periodic(state.ema.model, state.step, state.loader.epoch > epoch_before)
+                     if d.main else {})
             if evals:
                 epochs = round(state.loader.epochs_done(), 3)
                 logger.log(state.step, {**evals, "epoch": epochs})
@@ -445,7 +502,8 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
                 checkpoint()
             bar.update(min(100.0, 100 * progress_of(state, tc)) - bar.n)
     except KeyboardInterrupt:
-        checkpoint()
+        if d.main:  # no barrier: the other ranks may be stopping anywhere
+            state.save(run_dir, tc.keep_checkpoints, task.state_dict())
         bar.close()
         print(f"\ninterrupted: checkpoint saved at step {state.step}; continue with --resume")
         raise
@@ -453,8 +511,12 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
 
     # --- finish: final checkpoint and the task's artifact (sample grid / curves)
     last = latest_checkpoint(run_dir, verify=False)  # only its name matters here
-    if last is None or last.name != checkpoint_name(state.step):
+    if distributed.broadcast(d, last is None or last.name != checkpoint_name(state.step)):
         checkpoint()
+    last_loss = distributed.mean(d, last_loss)  # the global batch's loss
+    if not d.main:
+        return TrainResult(run_dir, state.step, state.images_seen, last_loss,
+                           state.elapsed_s / 60, None)
     if state.posthoc is not None and state.step % tc.posthoc_every:
         state.posthoc.save_snapshot(run_dir, state.step)  # the average at the last step
     artifact = task.finish(state.ema.model, state.step)
@@ -473,7 +535,7 @@ class _LogWindow:
 
     def flush(self, state: TrainState, lr: float, grad_norm: float) -> dict[str, Any]:
         now = time.perf_counter()
-        line = {"loss": self.loss_sum / self.n, "lr": lr, "grad_norm": grad_norm,
+        line = {"loss": distributed.mean(state.dist, self.loss_sum / self.n), "lr": lr, "grad_norm": grad_norm,
                 "images_per_s": (state.images_seen - self.images) / max(now - self.t, 1e-9),
                 "images_seen": state.images_seen, "elapsed_s": state.elapsed_s,
                 "skipped_steps": state.skipped_steps,

@@ -85,7 +85,7 @@ def diffusion_loss(forward: Callable[..., torch.Tensor], x0: torch.Tensor,
                    gen: torch.Generator, prec: Precision,
                    memory_format: torch.memory_format = torch.contiguous_format,
                    cond_drop: float = 0.0, null_class: int = -1,
-                   terms: X0Terms | None = None) -> torch.Tensor:
+                   terms: X0Terms | None = None, shard: slice | None = None) -> torch.Tensor:
     """Weighted simple loss (Ho et al. 2020, eq. 14) for a CPU batch x0 (B, C, H, W).
 
     Draws t then the noise from `gen` (on CPU, so a run reproduces on any device), noises
@@ -93,15 +93,23 @@ def diffusion_loss(forward: Callable[..., torch.Tensor], x0: torch.Tensor,
     With labels, each is replaced by `null_class` with probability `cond_drop` (also drawn
     from `gen`), which teaches the network the unconditional prediction that classifier-free
     guidance needs. `terms` adds the x0 terms (module docstring); the diversity term groups
-    samples by their data class (`cond` before dropping).
+    samples by their data class (`cond` before dropping). `shard`: this process's part of a
+    global batch (data-parallel training): everything random is drawn for the whole batch,
+    as one process would, and only the shard is noised and run.
     """
     t = torch.randint(0, schedule.T, (x0.shape[0],), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
+    drop = None
+    if cond is not None and cond_drop > 0:
+        drop = torch.rand(x0.shape[0], generator=gen) < cond_drop
+    if shard is not None:
+        x0, t, noise = x0[shard], t[shard], noise[shard]
+        cond = None if cond is None else cond[shard]
+        drop = None if drop is None else drop[shard]
     x_t = schedule.q_sample(x0, t, noise)
     tgt = target(dcfg.prediction, schedule, x0, noise, t)
     groups = cond
-    if cond is not None and cond_drop > 0:
-        drop = torch.rand(x0.shape[0], generator=gen) < cond_drop
+    if drop is not None:
         cond = torch.where(drop.to(cond.device), torch.full_like(cond, null_class), cond)
     w = loss_weight(dcfg.prediction, dcfg.loss_weighting, schedule, t, dcfg.min_snr_gamma)
     dev = prec.device

@@ -22,6 +22,7 @@ from effusion.runs.files import (CheckpointError, check_weights, load_checkpoint
                                  read_tensors, save_checkpoint)
 from effusion.train.ema import EMA
 from effusion.train.optim import build_optimizer
+from effusion.train.distributed import SINGLE, Dist
 from effusion.train.posthoc import PowerEMAs
 from effusion.train.switches import apply_switches
 
@@ -39,6 +40,8 @@ class TrainState:
     mem_format: torch.memory_format
     switch_notes: list[str] = field(default_factory=list)
     posthoc: PowerEMAs | None = None  # train.posthoc_ema: the averages post-hoc EMA rebuilds from
+    dist: Dist = SINGLE  # data-parallel: rank and world size
+    ddp: Any = None  # the DistributedDataParallel wrapper (its no_sync), when world > 1
     step: int = 0
     images_seen: int = 0
     elapsed_s: float = 0.0
@@ -46,21 +49,34 @@ class TrainState:
 
     @classmethod
     def create(cls, cfg: Config, build_model: Callable[[], nn.Module], train_set: ImageSet,
-               prec: Precision) -> "TrainState":
+               prec: Precision, dist: Dist = SINGLE) -> "TrainState":
         """Fresh state: the model built under the run's seed, with the efficiency switches,
-        its EMA, the optimizer, the loss scaler and a resumable batch loader."""
+        its EMA, the optimizer, the loss scaler and a resumable batch loader; with a world
+        size > 1, the model wrapped in DistributedDataParallel (every rank builds the same
+        weights from the same seed, and DDP checks it by broadcasting rank 0's)."""
         tc, device = cfg.train, prec.device
         stream = make_stream(train_set, tc.batch_size, tc.seed, tc.reweight, tc.reweight_beta)
         loader = BatchLoader(stream, cfg.data, tc.seed,
                              tc.workers, tc.prefetch, pin=tc.pin_memory and device.type == "cuda")
         torch.manual_seed(tc.seed)  # parameter init and dropout
         model = build_model().to(device)
-        net, mem_format, notes = apply_switches(model, tc)
+        ddps: list[nn.Module] = []
+
+        def data_parallel(m: nn.Module) -> nn.Module:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ddps.append(DistributedDataParallel(
+                m, device_ids=[device.index] if device.type == "cuda" else None))
+            return ddps[0]
+
+        net, mem_format, notes = apply_switches(model, tc, data_parallel if dist.enabled else None)
+        ddp = ddps[0] if ddps else None
         return cls(model=model, net=net, ema=EMA(model, tc.ema_decay, tc.ema_warmup),
                    optimizer=build_optimizer(model, tc), scaler=prec.make_scaler(),
                    loader=loader, generator=torch.Generator().manual_seed(tc.seed + 1),
                    device=device, mem_format=mem_format, switch_notes=notes,
-                   posthoc=PowerEMAs(model, tc.posthoc_ema) if tc.posthoc_ema else None)
+                   posthoc=PowerEMAs(model, tc.posthoc_ema) if tc.posthoc_ema else None,
+                   dist=dist, ddp=ddp)
 
     # ------------------------------------------------------------------ round trip
 

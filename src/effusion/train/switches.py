@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -53,8 +53,11 @@ class CompiledWithFallback:
         return out
 
 
-def apply_switches(model: nn.Module, tc: TrainConfig) -> tuple[Any, torch.memory_format, list[str]]:
-    """Set the model's memory format and gradient checkpointing from the config; wrap it for
+def apply_switches(model: nn.Module, tc: TrainConfig,
+                   wrap: Callable[[nn.Module], nn.Module] | None = None
+                   ) -> tuple[Any, torch.memory_format, list[str]]:
+    """Set the model's memory format and gradient checkpointing from the config, then
+    `wrap` it (DistributedDataParallel, in data-parallel training), then wrap that for
     torch.compile if asked. Returns (net to call in the loss, input memory format, notes)."""
     notes = []
     mem_format = torch.channels_last if tc.channels_last else torch.contiguous_format
@@ -67,8 +70,8 @@ def apply_switches(model: nn.Module, tc: TrainConfig) -> tuple[Any, torch.memory
         notes.append(f"gradient checkpointing: {tc.grad_checkpointing}")
     if tc.channels_last:
         notes.append("channels_last memory format")
-    net: Any = model
+    net: Any = model if wrap is None else wrap(model)
     if tc.compile:
-        net = CompiledWithFallback(model)
+        net = CompiledWithFallback(net)
         notes.append("torch.compile (compiled in the first step; its time is logged as compile_s)")
     return net, mem_format, notes

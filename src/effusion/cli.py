@@ -86,7 +86,6 @@ def train(
                                        "of a trained VAE (sets model.space=latent)."),
     nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (torchrun: gloo on CPU, nccl on CUDA)."),
     nnodes: int = typer.Option(1, "--nnodes", help="Machines in the job (run the same command on each)."),
-    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="This machine's rank (default: assigned by the rendezvous)."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous, the same on every machine (needed with --nnodes > 1)."),
 ) -> None:
     """Train a diffusion model (default: the MNIST recipe in configs/mnist.yaml)."""
@@ -101,7 +100,7 @@ def train(
         args = ["train", "--run", str(run)] + [x for kv in set_ for x in ("--set", kv)]
         args += (["--config", str(config)] if config else []) + (["--vae", str(vae)] if vae else [])
         args += [flag for flag, on in (("--resume", resume), ("--fresh", fresh), ("--quiet", quiet)) if on]
-        launch(nproc, args, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+        launch(nproc, args, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)
         return
 
     if resume:

@@ -84,7 +84,7 @@ class DiffusionTask(_GridTask):
         # data-parallel: this rank's part of each global micro-batch
         self.shard = ctx.dist.shard(cfg.train.batch_size) if ctx.dist.enabled else None
         self.scorer = None
-        if cfg.train.eval_every:
+        if cfg.train.eval_every and ctx.dist.main:  # rank 0 evaluates
             with torch.random.fork_rng(devices=[]):  # training the default one must not
                 clf = (load_classifier(cfg.train.eval_features) if cfg.train.eval_features
                        else feature_classifier(cfg.data))  # move this run's RNG

@@ -140,11 +140,12 @@ def check_batch(d: Dist, batch_size: int) -> None:
 
 # ------------------------------------------------------------------------ launching
 
-def launch(nproc: int, args: list[str], nnodes: int = 1, node_rank: int | None = None,
-           rdzv_endpoint: str | None = None, rdzv_id: str = "effusion") -> None:
+def launch(nproc: int, args: list[str], nnodes: int = 1, rdzv_endpoint: str | None = None,
+           rdzv_id: str = "effusion") -> None:
     """Start `python -m effusion ARGS` in `nproc` processes per node through torchrun's
     own launcher (torch.distributed.launcher), with a c10d rendezvous at `rdzv_endpoint`
-    (default: a free local port for one node). Called in-process rather than through the
+    (default: a free local port for one node; with several nodes, the same HOST:PORT on
+    each, where the first to arrive hosts the store and ranks are assigned). Called in-process rather than through the
     `torchrun` command line, whose parser would take effusion's `--run` for an abbreviation
     of its own `--run-path`. Raises if a worker failed."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -161,6 +162,5 @@ def launch(nproc: int, args: list[str], nnodes: int = 1, node_rank: int | None =
             rdzv_endpoint = f"127.0.0.1:{s.getsockname()[1]}"
     config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,
                           run_id=rdzv_id, rdzv_backend="c10d", rdzv_endpoint=rdzv_endpoint,
-                          rdzv_configs={} if node_rank is None else {"rank": node_rank},
                           max_restarts=0, monitor_interval=0.5)
     elastic_launch(config, sys.executable)("-m", "effusion", *args)

@@ -385,9 +385,13 @@ def _train(cfg: Config, run_dir: Path, recipe: Recipe, resume: bool, fresh: bool
     else:
         logger = NullLogger()
     try:
-        task = recipe.make_task(TaskContext(cfg, run_dir, prec, state.mem_format,
-                                            logger if d.main else None,
-                                            data.train_set, data.val_set, d))
+        ctx = TaskContext(cfg, run_dir, prec, state.mem_format, logger if d.main else None,
+                          data.train_set, data.val_set, d)
+        # Rank 0 first: a task may train and cache what it needs (the feature classifier)
+        task = recipe.make_task(ctx) if d.main else None
+        distributed.barrier(d)
+        if task is None:
+            task = recipe.make_task(ctx)
         if ckpt is not None:
             task.load_state_dict(task_state)
         held = f", {len(data.val_set)} held out" if data.val_set is not None else ""

@@ -175,14 +175,18 @@ def reproduce(root: Path, steps: int, only: list[str]) -> None:
 def _verdict(a: list[float], b: list[float], metric: str, n: int) -> tuple[float, str]:
     """(spread, verdict) of arm b against arm a (each a list over seeds)."""
     spread = max(max(a) - min(a), max(b) - min(b))
-    if metric in RATES:
+    if metric in RATES or metric.endswith(tuple(RATES)):
         p = (statistics.mean(a) + statistics.mean(b)) / 2
         spread = max(spread, 2 * (p * (1 - p) / n) ** 0.5)
     if len(a) < 2 and len(b) < 2:
         return spread, "one seed"
     delta = statistics.mean(b) - statistics.mean(a)
-    better = -delta if metric in LOWER_IS_BETTER else delta
+    better = -delta if _lower_better(metric) else delta
     return spread, ("helps" if better > spread else "hurts" if -better > spread else "within spread")
+
+
+def _lower_better(metric: str) -> bool:
+    return metric in LOWER_IS_BETTER or metric.endswith(("fid", "kid"))
 
 
 def _compare(a: list[dict], b: list[dict], metrics: tuple[str, ...], n: int,
@@ -199,7 +203,7 @@ def _compare(a: list[dict], b: list[dict], metrics: tuple[str, ...], n: int,
             vs = [r[m] for r in spread_from]
             spread = _verdict(vs, vs, m, n)[0]
             delta = statistics.mean(vb) - statistics.mean(va)
-            better = -delta if m in LOWER_IS_BETTER else delta
+            better = -delta if _lower_better(m) else delta
             verdict = ("helps" if better > spread else "hurts" if -better > spread
                        else "within spread") + " (one seed; spread of the two base seeds)"
         out[m] = {"before": round(statistics.mean(va), 4), "after": round(statistics.mean(vb), 4),
@@ -208,7 +212,14 @@ def _compare(a: list[dict], b: list[dict], metrics: tuple[str, ...], n: int,
 
 
 def _load(logs: Path, pattern: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(logs.glob(pattern))]
+    """The finished JSON documents matching `pattern` (one still being written is skipped)."""
+    out = []
+    for p in sorted(logs.glob(pattern)):
+        try:
+            out.append(json.loads(p.read_text()))
+        except json.JSONDecodeError:
+            print(f"skipped {p}: empty or incomplete (still running?)", file=sys.stderr)
+    return out
 
 
 def collect(root: Path) -> dict:
@@ -233,7 +244,10 @@ def collect(root: Path) -> dict:
         if best:
             a = [next(r for r in e["sweep"] if r["ema"] == tracked) for e in ema]
             b = [next(r for r in e["sweep"] if r["ema"] == best) for e in ema]
-            cmp = _compare(a, b, ("fid", "precision", "recall", "class_accuracy"), ema[0]["n"])
+            seeds = [next(r for r in g["sweep"] if r["guidance"] == a[0]["guidance"])
+                     for g in _load(logs, "gs-base-s*.json")]  # the two seeds' spread
+            cmp = _compare(a, b, ("fid", "precision", "recall", "class_accuracy"), ema[0]["n"],
+                           spread_from=seeds if len(ema) < 2 and len(seeds) > 1 else None)
         rows["ema"] = {"table": table, "best_posthoc": best, "tracked": tracked,
                        "best_vs_tracked": cmp, "steps": ema[0]["step"], "n": ema[0]["n"]}
     # diversity: base vs div at each guidance weight

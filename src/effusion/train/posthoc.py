@@ -124,7 +124,7 @@ def list_snapshots(run_dir: str | Path) -> list[Snapshot]:
                 meta = f.metadata() or {}
             gammas = json.loads(meta["gammas"])
             step = int(meta["step"])
-        except (OSError, ValueError, KeyError, Exception) as e:  # noqa: BLE001 - any corrupt file
+        except Exception as e:  # noqa: BLE001 - any unreadable or corrupt file
             raise CheckpointError(f"post-hoc EMA snapshot {p} is corrupt: {e}") from None
         out += [Snapshot(p, step, i, float(g)) for i, g in enumerate(gammas)]
     return out
@@ -145,7 +145,7 @@ def ema_profile(betas: np.ndarray, init_weight: bool) -> np.ndarray:
 
 def power_profile(step: int, gamma: float, length: int) -> np.ndarray:
     """The profile of a power EMA at `step`, zero-padded to `length` + 1 entries."""
-    betas = np.array([power_beta(t, gamma) for t in range(1, step + 1)])
+    betas = (1.0 - 1.0 / np.arange(1, step + 1, dtype=np.float64)) ** (gamma + 1)
     p = ema_profile(betas, init_weight=True)
     return np.pad(p, (0, length - step))
 
@@ -230,8 +230,8 @@ def reconstruct(run_dir: str | Path, target: Target, step: int | None = None
                 out[name] = v64 if name not in out else out[name] + v64
             else:
                 out[name] = v  # integer buffers: the latest
-    dtypes = {k: v.dtype for k, v in files[used[-1].path].items()}
-    state = {k: v.to(dtypes[f"{used[-1].index}/{k}"]) for k, v in out.items()}
+    last = files[used[-1].path]
+    state = {k: v.to(last[f"{used[-1].index}/{k}"].dtype) for k, v in out.items()}
     return state, {"target": target.label, "step": step, "snapshots": len(used),
                    "residual": resid}
 

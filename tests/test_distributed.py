@@ -76,6 +76,38 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path, accum):
     assert (two / "samples" / "step-0000006.png").is_file()  # rank 0's artifacts
 
 
+def test_bucketed_two_processes_end_with_the_weights_of_one(tmp_path):
+    """Mixed aspect ratios, one bucket per global batch; the epoch's batches here are
+    8, 10, 8, 8, 11, 9 images: the odd ones split 5 + 6 and 4 + 5 over the ranks."""
+    bucketed = ["data.source=shapes:60:2", "data.image_size=16", "data.channels=3",
+                "data.aspect_ratios=[0.5,1,2]", "data.buckets=[[16,16],[16,24],[24,16]]",
+                "data.limit=0", "train.checkpoint_every=6"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    effusion(*train_cmd(one, *bucketed))
+    r = effusion(*train_cmd(two, *bucketed, nproc=2))
+    assert "buckets 16x16: " in r.stdout
+    assert_same(weights(one, 6), weights(two, 6))
+
+
+def test_fsdp_two_processes_end_with_the_weights_of_one_and_resume_anywhere(tmp_path):
+    """FSDP2 (sharded weights, gradients, moments; grad_accum=2 syncs on the last micro-
+    batch only) takes the step one process takes; its checkpoints are gathered into the
+    one-process layout, so FSDP, DDP and a single process all resume them."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    effusion(*train_cmd(one, "train.grad_accum=2"))
+    r = effusion(*train_cmd(two, "train.grad_accum=2", "train.parallel=fsdp", nproc=2))
+    assert "FSDP2: weights, gradients and optimizer moments sharded over 2 ranks" in r.stdout
+    assert_same(weights(one, 6), weights(two, 6))
+    assert (two / "samples" / "step-0000006.png").is_file()  # the gathered EMA, sampled
+    for how, extra in (("fsdp", ["train.parallel=fsdp"]), ("single", [])):
+        b = tmp_path / how  # killed after the step-3 checkpoint, resumed this way
+        shutil.copytree(two, b)
+        shutil.rmtree(b / "checkpoints" / "step-0000006")
+        r = effusion(*train_cmd(b, "train.grad_accum=2", *extra, nproc=2 if extra else 1))
+        assert "resuming" in r.stdout
+        assert_same(weights(two, 6), weights(b, 6))
+
+
 def test_a_killed_two_process_run_resumes_identically(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     effusion(*train_cmd(a, nproc=2))
@@ -118,6 +150,12 @@ def test_a_time_budget_stops_every_rank_at_the_same_step(tmp_path):
 def test_what_data_parallel_training_refuses(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="must divide evenly over the 3 processes"):
         check_batch(Dist(0, 3, 0), 8)
+    from effusion.config import load_config
+
+    with pytest.raises(ConfigError, match="fsdp with train.compile is not supported"):
+        load_config(None, ["train.parallel=fsdp", "train.compile=true"])
+    with pytest.raises(ConfigError, match="fsdp with train.posthoc_ema is not supported"):
+        load_config(None, ["train.parallel=fsdp", "train.posthoc_ema=[0.05]"])
     check_batch(Dist(0, 2, 0), 8)
     assert Dist(1, 2, 1).shard(8) == slice(4, 8)
     # a recipe that is not data-parallel says so before joining any process group

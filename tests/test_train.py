@@ -189,11 +189,11 @@ def test_time_budget_becomes_a_recorded_step_plan_and_resume_is_exact(run_dir, t
     pinned = make_cfg(*budget, f"train.budget_steps={planned}")
     real_step, calls = loop.train_step, {"n": 0}
 
-    def flaky(state, task, tc):
+    def flaky(state, task, tc, *args):
         calls["n"] += 1
         if calls["n"] == planned // 2:
             raise KeyboardInterrupt
-        return real_step(state, task, tc)
+        return real_step(state, task, tc, *args)
 
     monkeypatch.setattr(loop, "train_step", flaky)
     b_dir = tmp_path / "b"

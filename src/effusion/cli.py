@@ -139,6 +139,7 @@ def sample(
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance weight (0 = unconditional, 1 = conditional; default: the run's)."),
     cache_interval: Optional[int] = typer.Option(None, "--cache-interval", help="DeepCache: a full U-Net pass every N network calls, the shallow branch in between (1 = off; default: the run's sample.cache_interval)."),
     guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="Guidance only at noise levels sigma in lo,hi (Kynkaanniemi et al. 2024; 'all' = every step; default: the run's sample.guidance_interval)."),
+    size: Optional[str] = typer.Option(None, "--size", help="Sample at HxW, e.g. 24x40 (pixel-space runs; default: the run's data.image_size square)."),
 ) -> None:
     """Draw samples from a trained run and save them as a PNG grid (and .npy)."""
     import time
@@ -146,10 +147,11 @@ def sample(
     from effusion.data.images import save_grid, save_npy
     from effusion.fileio import check_writable
     from effusion.runs import load_run
-    from effusion.sampling import class_labels, generate
+    from effusion.sampling import class_labels, generate, parse_size
 
     if n < 1:
         raise ConfigError(f"--n must be >= 1, got {n}")
+    hw = parse_size(size) if size is not None else None
     loaded = load_run(run, ema=ema, device=device, precision=precision)
     out = check_writable(out or run / "samples.png")  # fail before sampling, not after
     if npy is not None:
@@ -160,7 +162,7 @@ def sample(
     t0 = time.perf_counter()
     images = generate(loaded, n, sampler=sampler, steps=steps, seed=seed, eta=eta, cond=cond,
                       guidance=guidance, cache_interval=cache_interval,
-                      guidance_interval=_interval(guidance_interval))
+                      guidance_interval=_interval(guidance_interval), size=hw)
     dt = time.perf_counter() - t0
     nrow = 10 if n % 10 == 0 and n >= 50 else None
     save_grid(images, out, nrow=nrow)

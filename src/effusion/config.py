@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,14 @@ class DataConfig:
     # n_max * imbalance^(-k / (K - 1)) images, n_max = the smallest class's count; 0 = off
     imbalance: float = 0.0
     imbalance_seed: int = 0  # which images the long-tailed subset keeps
+    # Mixed sizes and aspect ratios (training only): each image goes, resized whole (no
+    # crop), to the bucket nearest its aspect ratio, and every batch holds one bucket.
+    # [[H, W], ...], or "auto" / "auto:PIXELS": buckets at the data's aspect ratios with
+    # about image_size^2 (or PIXELS) pixels, sides multiples of 8. () = square images only
+    buckets: tuple[tuple[int, ...], ...] | str = ()
+    # shapes sources: draw images at these aspect ratios (width / height), in turn, at
+    # about image_size^2 pixels each. () = square
+    aspect_ratios: tuple[float, ...] = ()
 
 
 @dataclass
@@ -148,6 +157,14 @@ class TrainConfig:
     diversity_weight: float = 0.0
     multiscale_weights: tuple[float, ...] = ()
     feature_loss_weight: float = 0.0
+    # Progressive resolution: [[size, until], ...] trains at `size` (images scaled by
+    # size / data.image_size) until that fraction of the run, e.g.
+    # [[16, 0.3], [28, 1.0]]; the same network, EMA and optimizer throughout. () = off
+    progressive: tuple[tuple[float, ...], ...] = ()
+    # Data-parallel training (torchrun / --nproc): ddp = a full replica per rank
+    # (DistributedDataParallel); fsdp = weights, gradients and optimizer moments sharded
+    # over the ranks (FSDP2 fully_shard), for models too large for one device
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass
@@ -179,7 +196,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         def plain(v: Any) -> Any:
-            return list(v) if isinstance(v, tuple) else v
+            return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
 
         return {
             f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
@@ -193,6 +210,14 @@ class Config:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and gently convert) `value` against the annotation `tp`."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # the first alternative that fits
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as e:
+                errors.append(str(e).split(": ", 1)[-1])
+        raise ConfigError(f"{key}: " + "; or ".join(errors))
     if origin is Literal:
         choices = typing.get_args(tp)
         # Compare types too: True == 1 and 3.0 == 3 would otherwise slip through.
@@ -205,9 +230,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             value = []
         elem = next((a for a in typing.get_args(tp) if a is not Ellipsis), int)
+        if isinstance(value, dict) and key == "train.progressive":
+            value = [value]
         if not isinstance(value, (list, tuple)):
-            kind = "integers" if elem is int else "numbers"
+            kind = {int: "integers", float: "numbers"}.get(elem, "lists")
             raise ConfigError(f"{key}: expected a list of {kind}, got {value!r}")
+        if key == "train.progressive":  # stages as {size: S, until: U} or [S, U]
+            value = [_stage(v, key) for v in value]
         return tuple(_coerce(v, elem, key) for v in value)
     if tp is bool:
         if isinstance(value, bool):
@@ -228,6 +257,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # programming error
+
+
+def _stage(v: Any, key: str) -> Any:
+    if isinstance(v, dict):
+        if set(v) != {"size", "until"}:
+            raise ConfigError(f"{key}: each stage is {{size: S, until: FRACTION}}, got {v!r}")
+        return [v["size"], v["until"]]
+    return v
 
 
 def _section_types(cls: type) -> dict[str, Any]:
@@ -313,6 +350,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def bucket_budget(data: DataConfig) -> int | None:
+    """The pixel budget of `data.buckets: auto[:PIXELS]` (None: explicit buckets or off)."""
+    b = data.buckets
+    if not isinstance(b, str):
+        return None
+    if b == "auto":
+        return data.image_size ** 2
+    if b.startswith("auto:") and b[5:].isdigit() and int(b[5:]) >= 64:
+        return int(b[5:])
+    raise ConfigError(f"data.buckets {b!r} is not valid; give [[H, W], ...], auto, or "
+                      "auto:PIXELS (a pixel budget >= 64)")
+
+
+def _validate_shapes(cfg: Config) -> None:
+    d = cfg.data
+    bucket_budget(d)
+    if not isinstance(d.buckets, str):
+        for hw in d.buckets:
+            if len(hw) != 2 or min(hw) < 8:
+                raise ConfigError(f"data.buckets: each bucket is [height, width] with sides "
+                                  f">= 8, got {list(hw)}")
+        if len(set(d.buckets)) != len(d.buckets):
+            raise ConfigError("data.buckets lists a bucket twice")
+    if any(r <= 0 for r in d.aspect_ratios):
+        raise ConfigError("data.aspect_ratios are width / height ratios > 0, e.g. [0.5, 1, 2]")
+    stages = cfg.train.progressive
+    for i, st in enumerate(stages):
+        if len(st) != 2 or st[0] < 8 or st[0] != int(st[0]) or not 0 < st[1] <= 1:
+            raise ConfigError(f"train.progressive stage {i}: expected [size >= 8, until in "
+                              f"(0, 1]], got {list(st)}")
+    if stages:
+        if cfg.model.arch != "unet" or cfg.model.space != "pixel":
+            raise ConfigError("train.progressive trains pixel-space diffusion U-Nets "
+                              "(model.arch=unet, model.space=pixel)")
+        ends = [st[1] for st in stages]
+        if any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] != 1.0:
+            raise ConfigError("train.progressive: the stages' `until` must increase and the "
+                              f"last must be 1.0, got {ends}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field and range checks that types alone cannot express."""
     checks = [
@@ -348,6 +425,12 @@ def validate(cfg: Config) -> None:
         (all(w >= 0 for w in cfg.train.multiscale_weights), "train.multiscale_weights must "
          "be >= 0, e.g. [1, 0.5, 0.25]"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (cfg.train.parallel == "ddp" or not cfg.train.compile, "train.parallel=fsdp with "
+         "train.compile is not supported yet; leave one of them off"),
+        (cfg.train.parallel == "ddp" or not cfg.train.posthoc_ema, "train.parallel=fsdp with "
+         "train.posthoc_ema is not supported yet (the power EMAs are kept unsharded)"),
+        (cfg.train.parallel == "ddp" or cfg.model.arch == "unet", "train.parallel=fsdp shards "
+         "the diffusion U-Net (model.arch=unet)"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
         (cfg.train.workers >= 0, "train.workers must be >= 0 (0 = load in the main thread)"),
@@ -382,6 +465,7 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    _validate_shapes(cfg)
     src = cfg.data.source
     if not (src in ("mnist5k", "digits", "shapes") or src.startswith(("folder:", "npz:", "shapes:"))):
         raise ConfigError(f"data.source {src!r} is not valid; choose mnist5k, digits, "

@@ -48,9 +48,12 @@ def generate(run: LoadedRun, n: int, *, sampler: str | None = None, steps: int |
              seed: int = 0, eta: float | None = None, batch_size: int = 256,
              cond: torch.Tensor | None = None, guidance: float | None = None,
              cache_interval: int | None = None,
-             guidance_interval: tuple[float, ...] | None = None) -> torch.Tensor:
+             guidance_interval: tuple[float, ...] | None = None,
+             size: tuple[int, int] | None = None) -> torch.Tensor:
     """Draw `n` samples as uint8 (N, C, H, W); deterministic for a given seed.
 
+    `size` (H, W) samples at another size than the run's data.image_size (a pixel-space
+    U-Net takes any size; quality holds near the sizes it trained on, e.g. its buckets).
     Sampler, steps and eta default to the run's `sample` config. A class-conditional run
     samples the labels in `cond` (default: an even spread over its classes) with
     classifier-free guidance weight `guidance` (default: the run's `sample.guidance`).
@@ -73,11 +76,12 @@ def generate(run: LoadedRun, n: int, *, sampler: str | None = None, steps: int |
     elif cond is not None and not run.num_classes:
         raise ConfigError("class labels were given but this run is unconditional "
                           "(model.num_classes = 0)")
+    hw = check_size(run, size)
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         c = None if cond is None else cond[start:start + b].to(run.precision.device)
-        shape = (b, *run.vae.latent_shape) if run.vae else (b, d.channels, d.image_size, d.image_size)
+        shape = (b, *run.vae.latent_shape) if run.vae else (b, d.channels, *hw)
         x = sample(name, den, run.schedule, shape, steps, generator=gen,
                    device=run.precision.device, cond=c, eta=sc.eta if eta is None else eta,
                    spacing=sc.spacing)
@@ -85,6 +89,35 @@ def generate(run: LoadedRun, n: int, *, sampler: str | None = None, steps: int |
             x = run.vae.decode(x)
         out.append(to_uint8(x).cpu())
     return torch.cat(out)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`HxW` (or one number for a square) -> (H, W)."""
+    try:
+        parts = [int(p) for p in text.lower().replace("*", "x").split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise ConfigError(f"--size: expected HxW, e.g. 24x40, got {text!r}")
+    return parts[0], parts[1]
+
+
+def check_size(run: LoadedRun, size: tuple[int, int] | None) -> tuple[int, int]:
+    """The (H, W) to sample at: `size`, or the run's data.image_size square."""
+    d = run.config.data
+    if size is None:
+        return d.image_size, d.image_size
+    h, w = size
+    if min(h, w) < 8:
+        raise ConfigError(f"--size: sides must be >= 8 pixels, got {h}x{w}")
+    if run.vae is not None:
+        raise ConfigError("--size: a latent run samples its VAE's one image size")
+    if not hasattr(run.model, "forward_split"):
+        raise ConfigError("--size: this run's network is an exported engine with a fixed "
+                          "image size; sample the run it was exported from")
+    return h, w
 
 
 class Stopped(Exception):

@@ -54,6 +54,24 @@ def augment(x: torch.Tensor, cfg: DataConfig, generator: torch.Generator) -> tor
     return x
 
 
+def stage_size(stages: tuple[tuple[float, ...], ...], progress: float) -> int | None:
+    """The size progressive training (train.progressive, [[size, until], ...]) trains at,
+    at `progress` (0 -> 1) of the run; None when it is off."""
+    for size, until in stages:
+        if progress < until:
+            return int(size)
+    return int(stages[-1][0]) if stages else None
+
+
+def rescale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """A float batch resized by `factor` (antialiased bilinear, sides >= 8); 1 = as is."""
+    if factor == 1:
+        return x
+    h, w = x.shape[-2:]
+    size = (max(8, round(h * factor)), max(8, round(w * factor)))
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
 @dataclass
 class BatchStream:
     """Endless shuffled batches; position (epoch, index) fully determines what comes next.
@@ -156,8 +174,17 @@ class WeightedBatchStream(BatchStream):
 
 
 def make_stream(data: ImageSet, batch_size: int, seed: int, reweight: str = "none",
-                beta: float = 0.999) -> BatchStream:
-    """The training batch stream: shuffled epochs, or class-reweighted draws."""
+                beta: float = 0.999, world: int = 1) -> BatchStream:
+    """The training batch stream: shuffled epochs, class-reweighted draws, or, for bucketed
+    data, one bucket per batch (`effusion.data.buckets.BucketStream`; `world` processes
+    share each global batch)."""
+    if data.bucket is not None:
+        if reweight != "none":
+            raise DataError("train.reweight does not combine with data.buckets yet: the "
+                            "bucket sampler sees every image once per epoch")
+        from effusion.data.buckets import BucketStream
+
+        return BucketStream(data, batch_size, seed, world)  # type: ignore[return-value]
     if reweight == "none":
         return BatchStream(data, batch_size, seed)
     return WeightedBatchStream(data, batch_size, seed, reweight=reweight, beta=beta)

@@ -29,6 +29,10 @@ class ImageSet:
     images: torch.Tensor  # (N, C, H, W) uint8 (float32 for cached VAE latents)
     labels: torch.Tensor | None  # (N,) int64
     class_names: list[str]
+    # Bucketed data (data.buckets): each image's bucket (N,) and the buckets' (H, W); the
+    # images sit at the top left of a canvas of the largest bucket (effusion.data.buckets)
+    buckets: tuple[tuple[int, int], ...] | None = None
+    bucket: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -141,10 +145,13 @@ def _why_unreadable(f: Path, e: Exception) -> str:
     return "not an image" if "cannot identify image file" in msg else msg
 
 
-def _load_folder(path: Path, size: int, channels: int, skip_bad: bool = False) -> ImageSet:
+def _load_folder(path: Path, size: int | None, channels: int,
+                 skip_bad: bool = False) -> ImageSet | tuple[list[torch.Tensor], torch.Tensor | None, list[str]]:
     """Images under `path`; if it has sub-folders, each sub-folder is a class. An
     unreadable file (empty, truncated, not an image) is an error naming it, unless
-    `skip_bad` (data.skip_bad_images) says to train on the rest."""
+    `skip_bad` (data.skip_bad_images) says to train on the rest. With a `size`, each is
+    centre-cropped to a square and resized (an ImageSet); without, the images come back
+    at their own sizes: (list of uint8 (C, h, w), labels, class names)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not path.is_dir():
@@ -163,8 +170,10 @@ def _load_folder(path: Path, size: int, channels: int, skip_bad: bool = False) -
                     im.verify()  # chunk structure and checksums: catches a file cut short
                 with Image.open(f) as im:
                     im.load()  # decode now, so a damaged file fails here, not later
-                    im = ImageOps.fit(_to_mode(im, mode), (size, size), Image.Resampling.LANCZOS)
-                    arr = np.asarray(im, dtype=np.uint8)
+                    im = _to_mode(im, mode)
+                    if size is not None:
+                        im = ImageOps.fit(im, (size, size), Image.Resampling.LANCZOS)
+                    arr = np.array(im, dtype=np.uint8)
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
                 bad.append(f"{f.relative_to(path)} ({_why_unreadable(f, e)})")
                 continue
@@ -179,9 +188,13 @@ def _load_folder(path: Path, size: int, channels: int, skip_bad: bool = False) -
                       stacklevel=2)
     if not images:
         raise DataError(f"no readable images found in {path} (looked for {sorted(IMAGE_SUFFIXES)})")
+    y = torch.tensor(labels) if class_names else None
+    if size is None:
+        chw = [torch.from_numpy(a).unsqueeze(0) if a.ndim == 2 else torch.from_numpy(a).permute(2, 0, 1)
+               for a in images]
+        return [c.contiguous() for c in chw], y, class_names
     x = torch.from_numpy(np.stack(images))
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    y = torch.tensor(labels) if class_names else None
     return ImageSet(x.contiguous(), y, class_names)
 
 
@@ -206,11 +219,9 @@ def load_source(cfg: DataConfig) -> ImageSet:
         data = _load_folder(Path(src[len("folder:"):]).expanduser(), cfg.image_size, cfg.channels,
                             cfg.skip_bad_images)
     elif src == "shapes" or src.startswith("shapes:"):
-        from effusion.data.shapes import SHAPE_CLASSES, make_shapes
-
-        n, seed = _shapes_spec(src)
-        x, y = make_shapes(n, cfg.image_size, seed=seed)
-        data = ImageSet(x, y, list(SHAPE_CLASSES))
+        pictures, y, names = shapes_pictures(cfg)
+        x = torch.stack([_centre_square(p, cfg.image_size) for p in pictures])
+        data = ImageSet(x, y, names)
     else:
         if src == "mnist5k":
             x, y = _load_mnist5k()
@@ -229,13 +240,50 @@ def load_source(cfg: DataConfig) -> ImageSet:
         names = [str(i) for i in range(int(labels.max()) + 1)] if labels is not None else []
         data = ImageSet(t, labels, names)
     x = _resize_uint8(_to_channels(data.images, cfg.channels), cfg.image_size)
-    data = ImageSet(x, data.labels, data.class_names)
+    return restrict(ImageSet(x, data.labels, data.class_names), cfg)
+
+
+def _centre_square(p: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (C, h, w) -> (C, size, size): the centred square, resized."""
+    h, w = p.shape[-2:]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return _resize_uint8(p[None, :, top:top + s, left:left + s], size)[0]
+
+
+def shapes_pictures(cfg: DataConfig) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+    """The `shapes` source's images at their own sizes: square at data.image_size, or with
+    data.aspect_ratios, image i at ratio aspect_ratios[i % k] with about image_size^2
+    pixels (each ratio's images drawn from its own seeded stream)."""
+    from effusion.data.buckets import bucket_shape
+    from effusion.data.shapes import SHAPE_CLASSES, make_shapes
+
+    n, seed = _shapes_spec(cfg.source)
+    ratios = cfg.aspect_ratios or (1.0,)
+    if len(ratios) == 1 and ratios[0] == 1.0:
+        x, y = make_shapes(n, cfg.image_size, seed=seed)
+        return list(x), y, list(SHAPE_CLASSES)
+    pictures: list[torch.Tensor | None] = [None] * n
+    labels = torch.zeros(n, dtype=torch.long)
+    for j, r in enumerate(ratios):
+        idx = list(range(j, n, len(ratios)))
+        if not idx:
+            continue
+        h, w = bucket_shape(r, cfg.image_size ** 2, multiple=1)
+        x, y = make_shapes(len(idx), h, w, seed=seed * 1000 + j)
+        for k, i in enumerate(idx):
+            pictures[i] = x[k]
+        labels[idx] = y
+    return pictures, labels, list(SHAPE_CLASSES)  # type: ignore[return-value]
+
+
+def restrict(data: ImageSet, cfg: DataConfig) -> ImageSet:
+    """data.limit and data.imbalance applied to a loaded source."""
     if cfg.limit:
         # A fixed random subset, not the first n: mnist5k is sorted by class.
         g = torch.Generator().manual_seed(0)
         keep = torch.randperm(len(data), generator=g)[: min(cfg.limit, len(data))].sort().values
-        data = ImageSet(data.images[keep], None if data.labels is None else data.labels[keep],
-                        data.class_names)
+        data = subset(data, keep)
     if cfg.imbalance:
         data = long_tailed(data, cfg.imbalance, cfg.imbalance_seed)
     return data
@@ -271,7 +319,8 @@ def long_tailed(data: ImageSet, ratio: float, seed: int = 0) -> ImageSet:
 
 def subset(data: ImageSet, index: torch.Tensor) -> ImageSet:
     return ImageSet(data.images[index], None if data.labels is None else data.labels[index],
-                    data.class_names)
+                    data.class_names, data.buckets,
+                    None if data.bucket is None else data.bucket[index])
 
 
 def split(data: ImageSet, val_fraction: float) -> tuple[ImageSet, ImageSet | None]:

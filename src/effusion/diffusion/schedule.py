@@ -85,8 +85,18 @@ class Schedule:
         t = -1 gives abar = 1 (clean data), which samplers use as their final target.
         """
         t = torch.as_tensor(t)
-        ab = self._table[(t.long() + 1).cpu()].to(dtype=torch.float32, device=t.device)
+        ab = self.table_on(t.device)[t.long() + 1].to(torch.float32)
         return ab.view(-1, *([1] * (ndim - 1)))
+
+    def table_on(self, device: torch.device) -> torch.Tensor:
+        """The abar table on `device` (copied once per device), so a lookup on a GPU needs
+        no copy of t back to the host."""
+        if device.type == "cpu":
+            return self._table
+        cache = self.__dict__.setdefault("_device_tables", {})
+        if device not in cache:
+            cache[device] = self._table.to(device)
+        return cache[device]
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio abar_t / (1 - abar_t), shape (B,)."""

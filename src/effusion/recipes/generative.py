@@ -59,6 +59,13 @@ class _GridTask:
             self.last_grid = self.sample_grid(ema_model, step)
         return {}
 
+    def uses_model(self, step: int, epoch_done: bool) -> bool:
+        """Will `periodic` use the averaged model at this step? (The same answer on every
+        rank: with FSDP the model is gathered only then.)"""
+        tc = self.cfg.train
+        return bool((tc.sample_every and step % tc.sample_every == 0)
+                    or (tc.eval_every and step % tc.eval_every == 0))
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -81,8 +88,7 @@ class DiffusionTask(_GridTask):
         # from a batch's channel count (equal for a 3-channel VAE on RGB).
         self.encode_batches = vae is not None and has_augmentation(cfg.data)
         self.terms = x0_terms(cfg, ctx.prec.device)
-        # data-parallel: this rank's part of each global micro-batch
-        self.shard = ctx.dist.shard(cfg.train.batch_size) if ctx.dist.enabled else None
+        self.dist = ctx.dist  # data-parallel: this rank trains its part of each global batch
         self.scorer = None
         if cfg.train.eval_every and ctx.dist.main:  # rank 0 evaluates
             with torch.random.fork_rng(devices=[]):  # training the default one must not
@@ -92,13 +98,20 @@ class DiffusionTask(_GridTask):
 
     def loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None,
              gen: torch.Generator) -> torch.Tensor:
-        cond = labels.to(self.prec.device) if self.cfg.model.num_classes else None
+        cond = labels.to(self.prec.device, non_blocking=True) if self.cfg.model.num_classes else None
         if self.encode_batches:
             x0 = self.vae.encode(x0)  # augmented pixels: encoded on the fly
-        return diffusion_loss(model, x0, cond, self.cfg.diffusion, self.schedule, gen,
+        n = x0.shape[0]
+        shard = self.dist.shard(n) if self.dist.enabled else None
+        loss = diffusion_loss(model, x0, cond, self.cfg.diffusion, self.schedule, gen,
                               self.prec, self.mem_format, cond_drop=self.cfg.train.cond_drop,
                               null_class=self.cfg.model.num_classes, terms=self.terms,
-                              shard=self.shard)
+                              shard=shard)
+        if shard is not None and (shard.stop - shard.start) * self.dist.world != n:
+            # uneven parts (a bucket's last batch): DDP averages the ranks' means, so each
+            # is scaled to its share, and the average is the global batch's mean again
+            loss = loss * ((shard.stop - shard.start) * self.dist.world / n)
+        return loss
 
     def _run(self, ema_model: nn.Module, step: int) -> LoadedRun:
         return LoadedRun(self.run_dir, self.cfg, ema_model, self.schedule, step, self.prec, self.vae)
@@ -239,6 +252,9 @@ class DiffusionRecipe:
         self.vae: LoadedVAE | None = None
 
     def prepare_data(self, cfg: Config, device: torch.device) -> TrainData:
+        if cfg.data.buckets and cfg.model.space == "latent":
+            raise ConfigError("data.buckets (mixed sizes) trains pixel-space runs only; the "
+                              "VAE encodes one image size")
         data = load_training_data(cfg)
         if cfg.model.space != "latent":
             return data
@@ -290,6 +306,8 @@ class DiffusionRecipe:
         run's RNG streams are left untouched."""
         tc = cfg.train
         shape = tuple(data.train_set.images.shape[1:])
+        if data.train_set.bucket is not None:  # buckets hold about image_size^2 pixels
+            shape = (shape[0], cfg.data.image_size, cfg.data.image_size)
         if self.vae is not None:
             shape = tuple(self.vae.latent_shape)
         with torch.random.fork_rng(devices=[]):

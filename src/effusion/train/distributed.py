@@ -37,30 +37,34 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun (a process group even at world size 1)
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.world > 1 or self.launched
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def shard(self, batch: int) -> slice:
-        """This rank's slice of a global batch of `batch` items."""
-        per = batch // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
+        """This rank's contiguous slice of a global batch of `batch` items (parts differ
+        by at most one item when the world does not divide the batch)."""
+        return slice(self.rank * batch // self.world, (self.rank + 1) * batch // self.world)
 
 
 SINGLE = Dist()
 
 
 def from_env() -> Dist:
-    """The torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """The torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK), or a single process. A
+    process torchrun started joins a process group even alone (`torchrun
+    --nproc_per_node=1`), so one GPU runs the same DDP/NCCL path as eight."""
+    if "WORLD_SIZE" not in os.environ:
         return SINGLE
-    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    world = int(os.environ["WORLD_SIZE"])
+    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")),
+                launched=True)
 
 
 def setup(d: Dist, device: torch.device) -> torch.device:
@@ -97,6 +101,16 @@ def all_true(d: Dist, flag: bool | torch.Tensor) -> bool:
     t = torch.as_tensor(flag, dtype=torch.int32).reshape(1).to(_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def all_true_on_device(d: Dist, flag: torch.Tensor) -> torch.Tensor:
+    """`all_true` without a host round trip: a bool tensor on the flag's device (a GPU
+    all-reduce runs on the stream; the host reads it only when it must)."""
+    if not d.enabled:
+        return flag
+    t = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t[0].bool()
 
 
 def mean(d: Dist, value: float) -> float:

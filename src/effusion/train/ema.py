@@ -25,10 +25,18 @@ class EMA:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, gate: torch.Tensor | None = None) -> None:
+        """Move the average towards `model`'s weights; `gate` (a 0/1 tensor on the
+        weights' device) = 0 leaves it where it is, decided on the device (no host sync)."""
         d = self.current_decay()
         ema_p = list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - d)
+        params = [p.detach() for p in model.parameters()]
+        if gate is None:
+            torch._foreach_lerp_(ema_p, params, 1 - d)
+        else:
+            step = torch._foreach_sub(params, ema_p)
+            torch._foreach_mul_(step, gate.to(ema_p[0].dtype) * (1 - d))
+            torch._foreach_add_(ema_p, step)
         for eb, b in zip(self.model.buffers(), model.buffers()):
             eb.copy_(b)
         self.updates += 1

@@ -27,7 +27,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from effusion.config import Config, ConfigError
-from effusion.data import ImageSet, load_source, split
+from effusion.data import ImageSet, load_source, rescale, split, stage_size
 from effusion.models import build_model, count_params, is_classifier
 from effusion.precision import (Precision, apply_tf32, precision_reason, resolve_device,
                                 resolve_precision)
@@ -100,6 +100,9 @@ class PlainRecipe:
     configured images as they are; subclasses add `make_task`."""
 
     def prepare_data(self, cfg: Config, device: torch.device) -> TrainData:
+        if cfg.data.buckets:
+            raise ConfigError(f"data.buckets (mixed sizes) trains diffusion U-Nets only, not "
+                              f"model.arch={cfg.model.arch}")
         return load_training_data(cfg)
 
     def build_model(self, cfg: Config) -> nn.Module:
@@ -125,7 +128,7 @@ RESUMABLE_CHANGES = ("train.max_steps", "train.max_minutes", "train.epochs", "tr
                      "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.sample_every", "train.sample_n", "train.eval_every", "train.eval_n",
                      "train.eval_features", "train.workers", "train.prefetch", "train.pin_memory",
-                     "train.threads", "train.device", "sample.")
+                     "train.threads", "train.device", "train.parallel", "sample.")
 
 
 def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
@@ -227,8 +230,14 @@ def resolve_for_data(cfg: Config, data: ImageSet) -> Config:
 
 def load_training_data(cfg: Config) -> TrainData:
     """The configured source with num_classes resolved, split into a fixed held-out part
-    (`data.val_fraction`) and the training part."""
-    data = load_source(cfg.data)
+    (`data.val_fraction`) and the training part; with `data.buckets`, at mixed sizes
+    (`effusion.data.buckets`)."""
+    if cfg.data.buckets:
+        from effusion.data.buckets import load_bucketed
+
+        data = load_bucketed(cfg.data)
+    else:
+        data = load_source(cfg.data)
     cfg = resolve_for_data(cfg, data)
     train_set, val_set = split(data, cfg.data.val_fraction)
     return TrainData(cfg, train_set, val_set)
@@ -238,37 +247,92 @@ def load_training_data(cfg: Config) -> TrainData:
 
 @dataclass
 class StepOutcome:
-    loss: float  # mean over the step's micro-batches (nan if skipped)
+    loss: float | torch.Tensor  # mean over the step's micro-batches (nan if skipped)
     images: int
-    finite: bool  # False: a micro-batch's loss was NaN/Inf and the update was skipped
+    # False: a micro-batch's loss was NaN/Inf and the update was skipped. On a GPU with a
+    # fused optimizer, a bool tensor: the skip is decided on the device, read back later
+    finite: bool | torch.Tensor
 
 
-def train_step(state: TrainState, task: Task, tc) -> tuple[StepOutcome, torch.Tensor]:
+def decides_on_device(state: TrainState) -> bool:
+    """Does this run skip non-finite steps on the GPU, without a host sync? (CUDA with an
+    optimizer that takes `found_inf`: fused AdamW/Adam, the default there.)"""
+    return state.device.type == "cuda" and getattr(state.optimizer, "_step_supports_amp_scaling", False)
+
+
+def train_step(state: TrainState, task: Task, tc, scale: float = 1.0
+               ) -> tuple[StepOutcome, torch.Tensor]:
     """One optimizer step: forward and backward over `grad_accum` micro-batches, clip,
     update. A non-finite loss skips the update (gradients dropped, weights untouched).
-    Returns the outcome and the pre-clip gradient norm (nan when clipping is off)."""
+    `scale` resizes the batches (progressive resolution). Returns the outcome and the
+    pre-clip gradient norm (nan when clipping is off).
+
+    On a GPU (`decides_on_device`) the step never waits for the device: finiteness is a
+    device tensor, all-reduced over the ranks on the stream, and the fused optimizer skips
+    the update itself (its `found_inf`), so the host reads nothing back until it logs."""
     opt, scaler, d = state.optimizer, state.scaler, state.dist
-    step_loss, images = 0.0, 0
+    on_device = decides_on_device(state)
+    step_loss: float | torch.Tensor = 0.0
+    images, finite = 0, None
     for i in range(tc.grad_accum):
         x0, labels = state.loader.next()
+        x0 = rescale(x0, scale)
         # Data-parallel: gradients are all-reduced on the last micro-batch only (no_sync).
         quiet = state.ddp is not None and i < tc.grad_accum - 1
+        if state.fsdp:  # FSDP's no_sync: reduce-scatter on the last micro-batch only
+            state.model.set_requires_gradient_sync(i == tc.grad_accum - 1)
         with state.ddp.no_sync() if quiet else contextlib.nullcontext():
             loss = task.loss(state.net, x0, labels, state.generator)
-            if not distributed.all_true(d, torch.isfinite(loss)):  # every rank skips
+            if on_device:
+                ok = distributed.all_true_on_device(d, torch.isfinite(loss.detach()))
+                finite = ok if finite is None else finite & ok
+            elif not distributed.all_true(d, torch.isfinite(loss)):  # every rank skips
                 opt.zero_grad(set_to_none=True)
                 return StepOutcome(math.nan, 0, False), torch.tensor(math.nan)
             # Equal micro-batches: the mean of their means is the big batch's mean.
             scaler.scale(loss / tc.grad_accum).backward()
-        step_loss += loss.item() / tc.grad_accum
+        step_loss = step_loss + (loss.detach() if on_device else loss.item()) / tc.grad_accum
         images += x0.shape[0]  # the global micro-batch: every rank counts all of it
     scaler.unscale_(opt)
     grad_norm = (torch.nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip)
                  if tc.grad_clip > 0 else torch.tensor(math.nan))
+    if state.fsdp and hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()  # the norm over every rank's shards
+    if on_device:  # read by the fused optimizer (an fp16 scaler sets its own)
+        opt.found_inf = (~finite).float()
     scaler.step(opt)  # fp16: skipped by the scaler itself if the gradients overflowed
+    if on_device and hasattr(opt, "found_inf"):
+        del opt.found_inf
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    return StepOutcome(step_loss, images, True), grad_norm
+    return StepOutcome(step_loss, images, finite if on_device else True), grad_norm
+
+
+class _DeviceHealth:
+    """Skipped steps decided on the GPU, counted there and read back when the loop logs,
+    checkpoints or ends (one transfer, not one per step)."""
+
+    def __init__(self) -> None:
+        self.skipped: torch.Tensor | None = None  # since the last read
+        self.in_a_row: torch.Tensor | None = None  # consecutive non-finite steps
+
+    def add(self, finite: torch.Tensor) -> None:
+        bad = (~finite).to(torch.int64)
+        self.skipped = bad if self.skipped is None else self.skipped + bad
+        self.in_a_row = bad if self.in_a_row is None else (self.in_a_row + 1) * bad
+
+    def settle(self, state: TrainState, tc) -> None:
+        if self.skipped is None:
+            return
+        skipped, in_a_row = (int(v) for v in torch.stack([self.skipped, self.in_a_row]).tolist())
+        state.skipped_steps += skipped
+        self.skipped = None
+        self.in_a_row = None if in_a_row == 0 else self.in_a_row
+        if in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            raise TrainingError(
+                f"loss was NaN/Inf for {in_a_row} steps in a row at step {state.step}; the "
+                f"last checkpoint is kept. Try a lower train.lr (now {tc.lr:g}) or "
+                "train.precision=fp32")
 
 
 # A time budget (train.max_minutes) becomes a step count once, PLAN_AT steps into the run,
@@ -311,11 +375,18 @@ def _stop_for_time(state: TrainState, tc) -> bool:
     return bool(distributed.broadcast_flag(state.dist, out_of_time(state, tc)))
 
 
-def plan_budget(state: TrainState, tc, probe: tuple[int, float]) -> int:
-    """Steps that fit in the time budget, from the time per step since `probe` (step, elapsed)."""
+def plan_budget(state: TrainState, tc, probe: tuple[int, float], probe_size: int | None = None
+                ) -> int:
+    """Steps that fit in the time budget, from the time per step since `probe` (step,
+    elapsed). With progressive resolution, measured at `probe_size`, a step's cost is taken
+    to grow with its pixels: the plan divides by the run's mean cost relative to the probe."""
     p_step, p_elapsed = probe
     per_step = (state.elapsed_s - p_elapsed) / max(state.step - p_step, 1)
     left = tc.max_minutes * 60 - state.elapsed_s
+    if tc.progressive and probe_size:
+        starts = [0.0] + [until for _, until in tc.progressive[:-1]]
+        per_step *= sum((until - a) * (size / probe_size) ** 2
+                        for a, (size, until) in zip(starts, tc.progressive))
     return max(state.step, state.step + int(left / max(per_step, 1e-9)))
 
 
@@ -396,6 +467,10 @@ def _train(cfg: Config, run_dir: Path, recipe: Recipe, resume: bool, fresh: bool
             task.load_state_dict(task_state)
         held = f", {len(data.val_set)} held out" if data.val_set is not None else ""
         kind = cfg.model.arch + (f", {cfg.model.num_classes} classes" if cfg.model.num_classes else "")
+        if data.train_set.bucket is not None:
+            from effusion.data.buckets import describe
+
+            notes = notes + [describe(data.train_set) + " (one bucket per batch)"]
         for line in [f"training {count_params(state.model) / 1e6:.2f}M params ({kind}) on "
                      f"{len(data.train_set)} images{held} ({cfg.data.source}), "
                      f"{prec.device.type} {prec.mode}, run dir {run_dir}", how] + notes + state.switch_notes:
@@ -418,10 +493,14 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
     t0 = time.perf_counter() - state.elapsed_s
     last_loss, in_a_row, compile_logged = math.nan, 0, False
     d = state.dist
+    size = shown_size = None  # progressive resolution: the size now, and last announced
+    health = _DeviceHealth()
 
     def checkpoint() -> None:  # rank 0 writes; the others wait until it is whole
-        if d.main:
-            state.save(run_dir, tc.keep_checkpoints, task.state_dict())
+        health.settle(state, tc)
+        if d.main or state.fsdp:  # FSDP: every rank takes part in the gather
+            state.save(run_dir, tc.keep_checkpoints, task.state_dict() if d.main else None,
+                       write=d.main)
         distributed.barrier(d)
 
     # Where the time per step is measured from, if the time budget still needs its plan.
@@ -435,7 +514,7 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
                     probe = (state.step, state.elapsed_s)
                 elif probe is not None and state.step >= plan_step:
                     # rank 0's clock decides, for every rank
-                    planned = distributed.broadcast(d, plan_budget(state, tc, probe))
+                    planned = distributed.broadcast(d, plan_budget(state, tc, probe, size))
                     cfg = replace(cfg, train=replace(tc, budget_steps=planned))
                     tc = cfg.train
                     if d.main:
@@ -451,8 +530,19 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
                                    tc.lr_schedule, state.loader.epoch, tc.lr_step_every,
                                    tc.lr_gamma)
             set_lr(state.optimizer, lr)
-            outcome, grad_norm = train_step(state, task, tc)
-            if not outcome.finite:
+            size = stage_size(tc.progressive, progress_of(state, tc))
+            if size != shown_size:
+                shown_size = size
+                logger.log(state.step, {"train_size": size})
+                bar.write(f"effusion: progressive resolution: training at {size}/"
+                          f"{cfg.data.image_size} of the size from step {state.step}")
+            scale = size / cfg.data.image_size if size else 1.0
+            outcome, grad_norm = train_step(state, task, tc, scale)
+            gate = None
+            if isinstance(outcome.finite, torch.Tensor):  # decided on the GPU
+                gate = outcome.finite
+                health.add(gate)
+            elif not outcome.finite:
                 # The update was skipped, the weights kept; give up if it persists.
                 state.skipped_steps, in_a_row = state.skipped_steps + 1, in_a_row + 1
                 if in_a_row >= MAX_NONFINITE_IN_A_ROW:
@@ -462,7 +552,7 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
                         "or train.precision=fp32")
                 continue
             in_a_row = 0
-            state.ema.update(state.model)
+            state.ema.update(state.model, gate)
             state.step += 1
             if state.posthoc is not None:
                 state.posthoc.update(state.model, state.step)
@@ -470,7 +560,7 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
                     state.posthoc.save_snapshot(run_dir, state.step)
             state.images_seen += outcome.images
             last_loss = outcome.loss
-            window.add(last_loss)
+            window.add(last_loss, gate)
             compile_s = getattr(state.net, "compile_s", None)
             compile_error = getattr(state.net, "error", None)
             if compile_s is not None and not compile_logged:
@@ -491,12 +581,18 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
 
             # --- log, evaluate / sample, checkpoint
             if state.step % tc.log_every == 0:
+                health.settle(state, tc)
                 line = window.flush(state, lr, grad_norm.item())
                 logger.log(state.step, line)
                 bar.set_postfix_str(f"step {state.step} loss {line['loss']:.4f} "
                                     f"{line['images_per_s']:.0f} img/s")
-            evals = (task.periodic(state.ema.model, state.step, state.loader.epoch > epoch_before)
-                     if d.main else {})
+            epoch_done = state.loader.epoch > epoch_before
+            evals = {}
+            if not state.fsdp:
+                evals = task.periodic(state.ema.model, state.step, epoch_done) if d.main else {}
+            elif getattr(task, "uses_model", lambda *a: True)(state.step, epoch_done):
+                averaged = state.averaged_model()  # gathered on every rank, kept on rank 0
+                evals = task.periodic(averaged, state.step, epoch_done) if d.main else {}
             if evals:
                 epochs = round(state.loader.epochs_done(), 3)
                 logger.log(state.step, {**evals, "epoch": epochs})
@@ -506,10 +602,14 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
                 checkpoint()
             bar.update(min(100.0, 100 * progress_of(state, tc)) - bar.n)
     except KeyboardInterrupt:
-        if d.main:  # no barrier: the other ranks may be stopping anywhere
+        if d.main and not state.fsdp:  # no barrier: the other ranks may be stopping anywhere
             state.save(run_dir, tc.keep_checkpoints, task.state_dict())
         bar.close()
-        print(f"\ninterrupted: checkpoint saved at step {state.step}; continue with --resume")
+        if state.fsdp:  # a gather needs every rank, and they may be stopping anywhere
+            print(f"\ninterrupted at step {state.step}: with train.parallel=fsdp no checkpoint is "
+                  "written on interrupt; the same command resumes from the last periodic one")
+        else:
+            print(f"\ninterrupted: checkpoint saved at step {state.step}; continue with --resume")
         raise
     bar.close()
 
@@ -517,29 +617,38 @@ def _fit(cfg: Config, run_dir: Path, state: TrainState, task: Task, logger: Metr
     last = latest_checkpoint(run_dir, verify=False)  # only its name matters here
     if distributed.broadcast(d, last is None or last.name != checkpoint_name(state.step)):
         checkpoint()
-    last_loss = distributed.mean(d, last_loss)  # the global batch's loss
+    health.settle(state, tc)
+    last_loss = distributed.mean(d, float(last_loss))  # the global batch's loss
+    averaged = state.averaged_model()  # FSDP: gathered (every rank), kept on rank 0
     if not d.main:
         return TrainResult(run_dir, state.step, state.images_seen, last_loss,
                            state.elapsed_s / 60, None)
     if state.posthoc is not None and state.step % tc.posthoc_every:
         state.posthoc.save_snapshot(run_dir, state.step)  # the average at the last step
-    artifact = task.finish(state.ema.model, state.step)
+    artifact = task.finish(averaged, state.step)
     return TrainResult(run_dir, state.step, state.images_seen, last_loss,
                        state.elapsed_s / 60, artifact)
 
 
 class _LogWindow:
-    """Loss and throughput averaged over the steps since the last log line."""
+    """Loss and throughput averaged over the steps since the last log line. Losses may be
+    device tensors (summed there; read back once, when the line is written), with a
+    `finite` gate that leaves skipped steps out of the mean."""
 
     def __init__(self, images_seen: int):
         self.t, self.images, self.loss_sum, self.n = time.perf_counter(), images_seen, 0.0, 0
 
-    def add(self, loss: float) -> None:
-        self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
+    def add(self, loss: float | torch.Tensor, finite: torch.Tensor | None = None) -> None:
+        if finite is not None:
+            loss = torch.where(finite, loss, torch.zeros_like(loss))
+            finite = finite.to(torch.int64)
+        self.loss_sum = self.loss_sum + loss
+        self.n = self.n + (1 if finite is None else finite)
 
     def flush(self, state: TrainState, lr: float, grad_norm: float) -> dict[str, Any]:
         now = time.perf_counter()
-        line = {"loss": distributed.mean(state.dist, self.loss_sum / self.n), "lr": lr, "grad_norm": grad_norm,
+        mean = float(self.loss_sum / self.n) if float(self.n) else math.nan
+        line = {"loss": distributed.mean(state.dist, mean), "lr": lr, "grad_norm": grad_norm,
                 "images_per_s": (state.images_seen - self.images) / max(now - self.t, 1e-9),
                 "images_seen": state.images_seen, "elapsed_s": state.elapsed_s,
                 "skipped_steps": state.skipped_steps,

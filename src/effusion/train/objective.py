@@ -88,8 +88,8 @@ def diffusion_loss(forward: Callable[..., torch.Tensor], x0: torch.Tensor,
                    terms: X0Terms | None = None, shard: slice | None = None) -> torch.Tensor:
     """Weighted simple loss (Ho et al. 2020, eq. 14) for a CPU batch x0 (B, C, H, W).
 
-    Draws t then the noise from `gen` (on CPU, so a run reproduces on any device), noises
-    x0, runs `forward(x_t, t, cond)` under the precision's autocast and reduces in fp32.
+    Draws t then the noise from `gen` (on the CPU; on a GPU, from a device generator
+    seeded from `gen`, so the step needs no host round trip), noises x0, runs `forward(x_t, t, cond)` under the precision's autocast and reduces in fp32.
     With labels, each is replaced by `null_class` with probability `cond_drop` (also drawn
     from `gen`), which teaches the network the unconditional prediction that classifier-free
     guidance needs. `terms` adds the x0 terms (module docstring); the diversity term groups
@@ -97,22 +97,30 @@ def diffusion_loss(forward: Callable[..., torch.Tensor], x0: torch.Tensor,
     global batch (data-parallel training): everything random is drawn for the whole batch,
     as one process would, and only the shard is noised and run.
     """
-    t = torch.randint(0, schedule.T, (x0.shape[0],), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
+    dev = prec.device
+    rng_dev = torch.device("cpu")
+    if dev.type == "cuda":
+        # Drawn on the GPU from a generator seeded by the (CPU) run generator: no host
+        # round trip, and still one stream per run (resume, and every data-parallel rank,
+        # draw the same global batch)
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+        gen, rng_dev = torch.Generator(device=dev).manual_seed(seed), dev
+    t = torch.randint(0, schedule.T, (x0.shape[0],), generator=gen, device=rng_dev)
+    noise = torch.randn(x0.shape, generator=gen, device=rng_dev)
     drop = None
     if cond is not None and cond_drop > 0:
-        drop = torch.rand(x0.shape[0], generator=gen) < cond_drop
-    if shard is not None:
+        drop = torch.rand(x0.shape[0], generator=gen, device=rng_dev) < cond_drop
+    if shard is not None:  # only this rank's images travel to its device
         x0, t, noise = x0[shard], t[shard], noise[shard]
         cond = None if cond is None else cond[shard]
         drop = None if drop is None else drop[shard]
+    x0 = x0.to(rng_dev, non_blocking=True)
     x_t = schedule.q_sample(x0, t, noise)
     tgt = target(dcfg.prediction, schedule, x0, noise, t)
     groups = cond
     if drop is not None:
         cond = torch.where(drop.to(cond.device), torch.full_like(cond, null_class), cond)
     w = loss_weight(dcfg.prediction, dcfg.loss_weighting, schedule, t, dcfg.min_snr_gamma)
-    dev = prec.device
     x_t = x_t.to(dev, memory_format=memory_format, non_blocking=True)
     with prec.autocast():
         out = forward(x_t, t.to(dev), cond)

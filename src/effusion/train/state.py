@@ -42,6 +42,8 @@ class TrainState:
     posthoc: PowerEMAs | None = None  # train.posthoc_ema: the averages post-hoc EMA rebuilds from
     dist: Dist = SINGLE  # data-parallel: rank and world size
     ddp: Any = None  # the DistributedDataParallel wrapper (its no_sync), when world > 1
+    fsdp: bool = False  # train.parallel=fsdp: model, EMA and optimizer moments sharded
+    plain: nn.Module | None = None  # fsdp, rank 0: an unsharded copy the EMA is gathered into
     step: int = 0
     images_seen: int = 0
     elapsed_s: float = 0.0
@@ -55,7 +57,8 @@ class TrainState:
         size > 1, the model wrapped in DistributedDataParallel (every rank builds the same
         weights from the same seed, and DDP checks it by broadcasting rank 0's)."""
         tc, device = cfg.train, prec.device
-        stream = make_stream(train_set, tc.batch_size, tc.seed, tc.reweight, tc.reweight_beta)
+        stream = make_stream(train_set, tc.batch_size, tc.seed, tc.reweight, tc.reweight_beta,
+                             dist.world)
         loader = BatchLoader(stream, cfg.data, tc.seed,
                              tc.workers, tc.prefetch, pin=tc.pin_memory and device.type == "cuda")
         torch.manual_seed(tc.seed)  # parameter init and dropout
@@ -69,6 +72,8 @@ class TrainState:
                 m, device_ids=[device.index] if device.type == "cuda" else None))
             return ddps[0]
 
+        if dist.enabled and tc.parallel == "fsdp":
+            return cls._sharded(tc, model, loader, prec, dist)
         net, mem_format, notes = apply_switches(model, tc, data_parallel if dist.enabled else None)
         ddp = ddps[0] if ddps else None
         return cls(model=model, net=net, ema=EMA(model, tc.ema_decay, tc.ema_warmup),
@@ -77,6 +82,38 @@ class TrainState:
                    device=device, mem_format=mem_format, switch_notes=notes,
                    posthoc=PowerEMAs(model, tc.posthoc_ema) if tc.posthoc_ema else None,
                    dist=dist, ddp=ddp)
+
+    @classmethod
+    def _sharded(cls, tc, model: nn.Module, loader: BatchLoader, prec: Precision,
+                 dist: Dist) -> "TrainState":
+        """train.parallel=fsdp: the EMA copied before sharding, then both sharded alike
+        (their shards line up, so the average needs no communication)."""
+        import copy
+
+        from effusion.train import fsdp
+
+        device = prec.device
+        net, mem_format, notes = apply_switches(model, tc, None)
+        ema = EMA(model, tc.ema_decay, tc.ema_warmup)
+        plain = copy.deepcopy(ema.model) if dist.main else None
+        fsdp.shard(model, dist, device)
+        fsdp.shard(ema.model, dist, device)
+        notes.append(f"FSDP2: weights, gradients and optimizer moments sharded over {dist.world} "
+                     "ranks; checkpoints gathered to rank 0")
+        return cls(model=model, net=net, ema=ema, optimizer=build_optimizer(model, tc),
+                   scaler=prec.make_scaler(), loader=loader,
+                   generator=torch.Generator().manual_seed(tc.seed + 1), device=device,
+                   mem_format=mem_format, switch_notes=notes, dist=dist, fsdp=True, plain=plain)
+
+    def averaged_model(self) -> nn.Module | None:
+        """The EMA model to sample with: itself, or with FSDP its weights gathered into an
+        unsharded copy on rank 0 (None on the other ranks). With FSDP every rank must call
+        it (the gather is collective)."""
+        if not self.fsdp:
+            return self.ema.model
+        from effusion.train import fsdp
+
+        return fsdp.gathered_copy(self.ema.model, self.plain)
 
     # ------------------------------------------------------------------ round trip
 
@@ -90,9 +127,15 @@ class TrainState:
                  "data": self.loader.state_dict(), "task": task_state or {}}
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
-        sd = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-              "optimizer": self.optimizer.state_dict(), "rng": rng,
-              "state": {**state, "step": self.step}}
+        if self.fsdp:  # gathered (collective): the layout of an unsharded run
+            from effusion.train import fsdp
+
+            sd = {"model": fsdp.full_state(self.model), "ema": fsdp.full_state(self.ema.model),
+                  "optimizer": fsdp.full_optimizer_state(self.optimizer)}
+        else:
+            sd = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                  "optimizer": self.optimizer.state_dict()}
+        sd.update({"rng": rng, "state": {**state, "step": self.step}})
         if self.posthoc is not None:
             sd["posthoc"] = self.posthoc.state_dict()
         return sd
@@ -100,9 +143,17 @@ class TrainState:
     def load_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
         """Restore everything `state_dict` returned; gives back the task's own state."""
         state, rng = sd["state"], sd["rng"]
-        self.model.load_state_dict(sd["model"])
-        self.ema.load_state_dict(sd["ema"], state["ema_updates"])
-        self.optimizer.load_state_dict(sd["optimizer"])
+        if self.fsdp:  # full tensors in, each rank keeps its shard
+            from effusion.train import fsdp
+
+            fsdp.load_full_state(self.model, sd["model"])
+            fsdp.load_full_state(self.ema.model, sd["ema"])
+            self.ema.updates = state["ema_updates"]
+            fsdp.load_full_optimizer_state(self.optimizer, sd["optimizer"])
+        else:
+            self.model.load_state_dict(sd["model"])
+            self.ema.load_state_dict(sd["ema"], state["ema_updates"])
+            self.optimizer.load_state_dict(sd["optimizer"])
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
         if self.device.type == "cuda" and "cuda" in rng:
@@ -116,8 +167,13 @@ class TrainState:
             self.posthoc.load_state_dict(sd["posthoc"])
         return state.get("task", {})
 
-    def save(self, run_dir: Path, keep: int, task_state: dict[str, Any] | None = None) -> Path:
+    def save(self, run_dir: Path, keep: int, task_state: dict[str, Any] | None = None,
+             write: bool = True) -> Path | None:
+        """Write a checkpoint; with FSDP every rank calls it (the gather), and only the one
+        with `write` (rank 0) writes."""
         sd = self.state_dict(task_state)
+        if not write:
+            return None
         state = dict(sd["state"])
         step = state.pop("step")
         extra = {"posthoc": sd["posthoc"]} if "posthoc" in sd else None

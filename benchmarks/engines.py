@@ -1,6 +1,6 @@
 """Inference engines for one run's network, on this machine: eager PyTorch fp32, ONNX
-Runtime fp32 and static int8, OpenVINO fp32 and static int8 (the same calibrated QDQ
-graph). Latency per network call at batch 1, 8 and 64, measured in alternation (best of
+Runtime fp32 and static int8 (its QDQ tooling), OpenVINO fp32 and static int8 (NNCF
+post-training quantization; before 2026-11-26 the ONNX Runtime QDQ graph). Latency per network call at batch 1, 8 and 64, measured in alternation (best of
 3 medians, so load changes hit every engine alike), then FID and class accuracy of each
 exported variant on --n samples at the run's own sampler settings.
 
@@ -24,6 +24,17 @@ from effusion.runs import load_run
 
 ENGINES = {"onnxruntime-fp32": ("onnx", False), "onnxruntime-int8": ("onnx", True),
            "openvino-fp32": ("openvino", False), "openvino-int8": ("openvino", True)}
+
+
+def _loaded_bytes(d: Path) -> int:
+    """Bytes of what the engine loads: the OpenVINO int8 IR (.xml + .bin) where NNCF wrote
+    one, else the ONNX graph (the eager run: its weights)."""
+    from effusion.runs.files import OPENVINO_INT8
+
+    ir = d / OPENVINO_INT8
+    if ir.is_file():
+        return ir.stat().st_size + ir.with_suffix(".bin").stat().st_size
+    return sum(p.stat().st_size for p in d.rglob("*.onnx"))
 
 
 def main() -> None:
@@ -53,7 +64,7 @@ def main() -> None:
         r = evaluate_run(d, args.n, bpd_n=0, features=features)
         quality[k] = {"fid": r["fid"], "class_accuracy": r.get("class_accuracy"),
                       "seconds_per_1000": r["sample_seconds"] * 1000 / args.n,
-                      "bytes": sum(p.stat().st_size for p in Path(d).rglob("*.onnx"))
+                      "bytes": _loaded_bytes(Path(d))
                       or sum(p.stat().st_size for p in Path(d).rglob("ema.safetensors"))}
     out = {"machine": machine(), "run": str(args.run), "n": args.n, "latency_ms": latency,
            "quality": quality}

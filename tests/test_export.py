@@ -118,3 +118,33 @@ def test_openvino_runs_the_same_graph(exported, tmp_path):
     a = generate(ov, 4, steps=3, seed=2).float()
     b = generate(load_run(onnx_dir, device="cpu"), 4, steps=3, seed=2).float()
     assert (a - b).abs().max() <= 1  # uint8 rounding at most
+
+
+def test_openvino_int8_is_nncf_quantized_close_and_loads_as_a_run(exported, tmp_path):
+    """OpenVINO int8 = NNCF post-training quantization (OpenVINO's own), written as an IR
+    beside the fp32 ONNX graph; the run loads the IR and stays close to fp32."""
+    pytest.importorskip("openvino", reason="needs the openvino extra")
+    pytest.importorskip("nncf", reason="needs the openvino extra (nncf)")
+    from effusion.models.exported import OpenVinoNetwork
+    from effusion.runs.files import OPENVINO_INT8
+
+    run, _, _ = exported
+    out = tmp_path / "ov8"
+    report = export_run(run, out, fmt="openvino", repeats=1, int8=True, calib_batches=2)
+    assert report["int8"].startswith("NNCF") and (out / OPENVINO_INT8).is_file()
+    assert (out / "model.onnx").is_file() and not list(out.glob("*.tmp"))
+    eager = load_run(run, device="cpu").model
+    fp32_weight_bytes = 4 * sum(p.numel() for p in eager.parameters())
+    # int8 weights in the .bin (the .xml, the graph's text, dominates for a model this tiny)
+    assert (out / OPENVINO_INT8).with_suffix(".bin").stat().st_size < 0.5 * fp32_weight_bytes
+    (entry,) = read_lineage(out)
+    assert entry["engine"] == "openvino" and entry["int8"].startswith("NNCF")
+    loaded = load_run(out, device="cpu")
+    assert isinstance(loaded.model, OpenVinoNetwork) and loaded.model.path.name == OPENVINO_INT8
+    g = torch.Generator().manual_seed(4)
+    x, t, c = torch.randn(16, 1, 16, 16, generator=g), torch.randint(0, 50, (16,), generator=g), \
+        torch.randint(0, 11, (16,), generator=g)
+    with torch.no_grad():
+        ref, got = eager(x, t, c), loaded.model(x, t, c)
+    assert 0 < (got - ref).square().mean().sqrt() < 0.2 * ref.std()
+    assert generate(loaded, 2, steps=2, seed=0).shape == (2, 1, 16, 16)

@@ -515,7 +515,7 @@ def optimize_export(
     run: Path = typer.Option(..., "--run", help="Diffusion run directory."),
     out: Path = typer.Option(..., "--out", help="New run directory for the exported model."),
     fmt: str = typer.Option("onnx", "--format", help="onnx (the graph run by ONNX Runtime) | openvino (the same graph run by OpenVINO)."),
-    int8: bool = typer.Option(False, "--int8", help="Static int8 quantization, calibrated on noisy real inputs across timesteps."),
+    int8: bool = typer.Option(False, "--int8", help="Static int8 quantization, calibrated on noisy real inputs across timesteps (onnx: ONNX Runtime's QDQ tooling; openvino: NNCF post-training quantization)."),
     calib_batches: int = typer.Option(16, "--calib-batches", help="Calibration batches of 16 (with --int8)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:

@@ -5,8 +5,11 @@ The pass checks the exported graph against the eager network (max abs difference
 fixed batch, fp32) and times both at batch 1, 8 and 64 on this machine; `report.json`
 holds the figures and `config.yaml` the lineage.
 
-With `int8=True` the graph is quantized statically by ONNX Runtime's tooling (QDQ format,
-int8 weights per channel, uint8 activations, MinMax ranges): the ranges are calibrated on
+With `int8=True` the graph is quantized statically: for ONNX Runtime by its tooling (QDQ
+format, int8 weights per channel, uint8 activations, MinMax ranges), for OpenVINO by
+NNCF's post-training quantization (OpenVINO's own: its mixed preset, per-channel weights,
+fast bias correction; written as an OpenVINO IR beside the fp32 ONNX graph, which stays
+the portable one). Both are calibrated on
 what the network really sees when sampling, real training images noised at timesteps
 spread over the whole schedule, with their labels (and the null class) and guidance
 weights. Whether int8 is faster depends on the CPU's int8 dot-product instructions
@@ -32,11 +35,13 @@ from effusion.data import to_model_range
 from effusion.models.exported import ONNX_HINT, import_onnxruntime, import_openvino, load_graph
 from effusion.optimize.timing import latency_ms
 from effusion.runs import CheckpointError, LoadedRun, load_run, read_lineage, write_config, write_json
-from effusion.runs.files import ONNX_MODEL, REPORT
+from effusion.runs.files import ONNX_MODEL, OPENVINO_INT8, REPORT
 from effusion.train.loop import load_training_data
 
 FORMATS = {"onnx": "onnxruntime", "openvino": "openvino"}  # --format: the engine that runs it
 FP32_TMP = "model-fp32.onnx.tmp"  # the graph before int8 quantization (removed after)
+NNCF_HINT = ("OpenVINO int8 (NNCF post-training quantization) needs nncf: "
+             "pip install 'effusion[openvino]'")
 
 
 class _Signature(nn.Module):
@@ -146,6 +151,27 @@ def quantize_onnx_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]])
     return dst
 
 
+def quantize_openvino_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> Path:
+    """NNCF post-training int8 of the ONNX graph `src` for OpenVINO, calibrated on `feeds`
+    (every batch of them); written as the OpenVINO IR `dst` (.xml, weights in .bin)."""
+    try:
+        import nncf
+    except ImportError:
+        raise ConfigError(NNCF_HINT) from None
+    ov = import_openvino()
+    model = ov.Core().read_model(str(src))
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        q = nncf.quantize(model, nncf.Dataset(feeds), preset=nncf.QuantizationPreset.MIXED,
+                          subset_size=len(feeds), fast_bias_correction=True)
+    nncf_log.setLevel(level)
+    ov.save_model(q, str(dst), compress_to_fp16=False)
+    return dst
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
                repeats: int = 10, int8: bool = False, calib_batches: int = 16) -> dict[str, Any]:
     """Export a diffusion run and write `out_dir` as a run directory; returns the report.
@@ -156,6 +182,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
     import_onnxruntime()  # the exporter's check and int8 tooling
     if engine == "openvino":
         import_openvino()
+        if int8 and importlib.util.find_spec("nncf") is None:
+            raise ConfigError(NNCF_HINT)
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.resolve() == run_dir.resolve():
         raise CheckpointError("the exported run needs its own directory (--out)")
@@ -164,27 +192,32 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
         raise CheckpointError(f"{run_dir} is already an exported run")
     model = src.model.float().to(memory_format=torch.contiguous_format).eval()
     out.mkdir(parents=True, exist_ok=True)
-    fp32_path = out / (FP32_TMP if int8 else ONNX_MODEL)
+    nncf_int8 = int8 and engine == "openvino"
+    fp32_path = out / (FP32_TMP if int8 and not nncf_int8 else ONNX_MODEL)
     export_onnx(model, example_inputs(src, 2), fp32_path)
-    if int8:
-        quantize_onnx_int8(fp32_path, out / ONNX_MODEL, calibration_feeds(src, calib_batches))
+    graph, how = out / ONNX_MODEL, "static, QDQ, calibrated"
+    if nncf_int8:
+        graph, how = out / OPENVINO_INT8, "NNCF post-training, mixed preset, calibrated"
+        quantize_openvino_int8(fp32_path, graph, calibration_feeds(src, calib_batches))
+    elif int8:
+        quantize_onnx_int8(fp32_path, graph, calibration_feeds(src, calib_batches))
     lineage = read_lineage(run_dir) + [{"pass": "export", "base": str(run_dir.resolve()),
                                         "format": "onnx", "engine": engine, "step": src.step,
-                                        **({"int8": "static, QDQ, calibrated"} if int8 else {})}]
+                                        **({"int8": how} if int8 else {})}]
     write_config(out, src.config, lineage)  # a latent run's VAE stays eager (model.vae)
-    net = load_graph(out / ONNX_MODEL, engine)
+    net = load_graph(graph, engine)
     check = example_inputs(src, 8, seed=1)
     kw = {"w": check[3]} if len(check) == 4 else {}
     with torch.no_grad():
         diff = (net(*check[:3], **kw) - model(*check[:3], **kw)).abs().max().item()
     report: dict[str, Any] = {"source": str(run_dir), "format": "onnx", "engine": engine,
                               "opset": 18,
-                              "int8": int8, "max_abs_diff_fp32": diff,
-                              "bytes": (out / ONNX_MODEL).stat().st_size,
+                              "int8": how if int8 else False, "max_abs_diff_fp32": diff,
+                              "bytes": _graph_bytes(graph),
                               "threads": torch.get_num_threads(), "latency_ms": {}}
     fp32_net = load_graph(fp32_path, engine) if int8 else None
     if int8:
-        report["bytes_fp32_graph"] = fp32_path.stat().st_size
+        report["bytes_fp32_graph"] = _graph_bytes(fp32_path)
         report["max_abs_diff_note"] = "int8 graph against the eager fp32 network"
     for b in (1, 8, 64):
         inputs = example_inputs(src, b)
@@ -195,7 +228,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
         if fp32_net is not None:
             report["latency_ms"][str(b)]["engine_fp32"] = latency_ms(fp32_net, *inputs,
                                                                      repeats=repeats)
-    if int8:
-        fp32_path.unlink()
+    if int8 and not nncf_int8:
+        fp32_path.unlink()  # (NNCF's run keeps its fp32 ONNX graph as the portable one)
     write_json(out / REPORT, report)
     return report
+
+
+def _graph_bytes(path: Path) -> int:
+    """Size on disk of a graph: an ONNX file, or an OpenVINO IR (.xml and its .bin)."""
+    return sum(p.stat().st_size for p in (path, path.with_suffix(".bin")) if p.is_file())

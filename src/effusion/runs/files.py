@@ -49,6 +49,7 @@ QUANTIZED_WEIGHTS = "quantized.safetensors"  # int8 Linear layers (classifiers, 
 BF16_WEIGHTS = "weights-bf16.safetensors"  # a diffusion run's weights stored in bf16
 REPORT = "report.json"
 ONNX_MODEL = "model.onnx"
+OPENVINO_INT8 = "openvino-int8.xml"  # export --format openvino --int8: NNCF int8 IR (+ .bin)
 RUNTIME = "runtime.json"
 NARROWED = "narrowed.json"
 

@@ -30,7 +30,7 @@ from effusion.models.exported import OnnxNetwork, OpenVinoNetwork, load_graph
 from effusion.models.pruned import shape_like
 from effusion.models.quantized import from_quantized_tensors
 from effusion.precision import Precision, bf16_supported, resolve_device, resolve_precision
-from effusion.runs.files import (BF16_WEIGHTS, ONNX_MODEL, QUANTIZED_WEIGHTS, VAE_INFO, CheckpointError,
+from effusion.runs.files import (BF16_WEIGHTS, ONNX_MODEL, OPENVINO_INT8, QUANTIZED_WEIGHTS, VAE_INFO, CheckpointError,
                                  check_weights, checkpoint_step, latest_checkpoint, list_checkpoints, load_weights, read_config,
                                  lineage_step, read_lineage, read_tensors)
 
@@ -327,7 +327,10 @@ def _load_exported(run_dir: Path, cfg: Config, lineage: list[dict[str, Any]],
     vae = load_vae(cfg.model.vae, dev) if cfg.model.space == "latent" else None
     exports = [p for p in lineage if p.get("pass") == "export"]
     engine = exports[-1].get("engine", "onnxruntime") if exports else "onnxruntime"
-    return LoadedRun(run_dir, cfg, load_graph(run_dir / ONNX_MODEL, engine, dev), schedule_for(cfg),
+    graph = run_dir / ONNX_MODEL
+    if engine == "openvino" and (run_dir / OPENVINO_INT8).is_file():
+        graph = run_dir / OPENVINO_INT8  # NNCF's int8 IR (the ONNX file is its fp32 graph)
+    return LoadedRun(run_dir, cfg, load_graph(graph, engine, dev), schedule_for(cfg),
                      lineage_step(lineage), Precision(dev, "fp32"), vae, lineage)
 
 

@@ -74,15 +74,10 @@ def _padded_set(cfg):
                     cfg.data)
 
 
-def train_arm(arm: str, run: Path, minutes: float) -> None:
-    """In its own process: train one arm, then print its peak RSS as JSON."""
-    from dataclasses import replace
-
+def recipe_for(arm: str):
+    """The diffusion recipe, or for the pad arm one that trains on letterboxed canvases."""
     from effusion.recipes.generative import DiffusionRecipe
-    from effusion.train.loop import TrainData, resolve_for_data, train
-
-    cfg = _cfg(arm)
-    cfg = replace(cfg, train=replace(cfg.train, max_minutes=minutes))
+    from effusion.train.loop import TrainData, resolve_for_data
 
     class Padded(DiffusionRecipe):  # letterboxed 32x32 canvases instead of the source
         def prepare_data(self, cfg, device):
@@ -93,7 +88,18 @@ def train_arm(arm: str, run: Path, minutes: float) -> None:
             tr, va = split(data, cfg.data.val_fraction)
             return TrainData(cfg, tr, va)
 
-    recipe = Padded() if arm == "pad" else DiffusionRecipe()
+    return Padded() if arm == "pad" else DiffusionRecipe()
+
+
+def train_arm(arm: str, run: Path, minutes: float) -> None:
+    """In its own process: train one arm, then print its peak RSS as JSON."""
+    from dataclasses import replace
+
+    from effusion.train.loop import train
+
+    cfg = _cfg(arm)
+    cfg = replace(cfg, train=replace(cfg.train, max_minutes=minutes))
+    recipe = recipe_for(arm)
     res = train(cfg, run, recipe, fresh=True, progress=False)
     print(json.dumps({"step_peak_MiB": step_memory(cfg, recipe), "steps": res.step,
                       "images": res.images_seen, "minutes": res.minutes,

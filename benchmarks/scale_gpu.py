@@ -143,6 +143,48 @@ def grad_checkpointing(batch: int) -> list[dict]:
     return rows
 
 
+def bucket_memory(steps: int) -> dict:
+    """benchmarks/bucketing.py's three arms on the GPU: exact peak memory of a training
+    step (torch.cuda.max_memory_allocated above the memory before the steps) and
+    images/s, at a GPU-sized width (64) and batch (128), bf16."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bucketing
+
+    from effusion.config import load_config
+    from effusion.precision import Precision
+    from effusion.train.loop import TaskContext, train_step
+    from effusion.train.state import TrainState
+
+    out = {}
+    for arm in ("bucket", "pad", "crop"):
+        cfg = load_config(None, bucketing.BASE + bucketing.ARMS[arm] + [
+            "model.channels=64", "model.head_channels=64", "train.batch_size=128",
+            "train.device=cuda", "train.precision=bf16", "train.threads=0"])
+        prec = Precision(torch.device("cuda"), "bf16")
+        recipe = bucketing.recipe_for(arm)
+        data = recipe.prepare_data(cfg, prec.device)
+        state = TrainState.create(data.cfg, lambda: recipe.build_model(data.cfg), data.train_set, prec)
+        task = recipe.make_task(TaskContext(data.cfg, None, prec, state.mem_format, None,
+                                            data.train_set, data.val_set))
+        for _ in range(5):
+            train_step(state, task, data.cfg.train)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        images, t0 = 0, time.perf_counter()
+        for _ in range(steps):
+            images += train_step(state, task, data.cfg.train)[0].images
+        torch.cuda.synchronize()
+        out[arm] = {"step_peak_MiB": (torch.cuda.max_memory_allocated() - base) / 2 ** 20,
+                    "images_per_s": images / (time.perf_counter() - t0)}
+        del state, task
+        torch.cuda.empty_cache()
+    b, p = out["bucket"], out["pad"]
+    out["bucket_vs_pad"] = {"speed": b["images_per_s"] / p["images_per_s"] - 1,
+                            "step_memory_saved": 1 - b["step_peak_MiB"] / p["step_peak_MiB"]}
+    return out
+
+
 def nccl_run(work: Path, steps: int) -> dict:
     sets = ["data.source=shapes:3000", "data.image_size=32", "data.channels=3",
             "data.aspect_ratios=[0.5,1,2]", "data.buckets=auto", "model.channels=64",
@@ -201,6 +243,7 @@ def main() -> None:
     for name, fn in (*[(f"sync_free_step {k}", lambda k=k: sync_free(10 if a.quick else 40, k))
                        for k in SYNC_CONFIGS],
                      ("grad_checkpointing_64px_w128", lambda: grad_checkpointing(32 if a.quick else 64)),
+                     ("bucket_memory", lambda: bucket_memory(10 if a.quick else int(os.environ.get("BUCKET_STEPS", "60")))),
                      ("nccl_buckets_progressive", lambda: nccl_run(work, 60 if a.quick else 400))):
         if a.only not in name:
             continue

@@ -106,6 +106,19 @@ def train_arm(arm: str, run: Path, minutes: float) -> None:
                       "images_per_s": res.images_seen / (res.minutes * 60)}))
 
 
+def state_and_task(cfg, recipe, prec):
+    """A fresh training state and task for `recipe` on `cfg` (no run directory): what the
+    step-level measurements here and in scale_gpu.py drive with `train_step`."""
+    from effusion.train.loop import TaskContext
+    from effusion.train.state import TrainState
+
+    data = recipe.prepare_data(cfg, prec.device)
+    state = TrainState.create(data.cfg, lambda: recipe.build_model(data.cfg), data.train_set, prec)
+    task = recipe.make_task(TaskContext(data.cfg, None, prec, state.mem_format, None,
+                                        data.train_set, data.val_set))
+    return state, task, data
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -117,14 +130,9 @@ def step_memory(cfg, recipe, steps: int = 12) -> float:
     import threading
 
     from effusion.precision import Precision
-    from effusion.train.loop import TaskContext, train_step
-    from effusion.train.state import TrainState
+    from effusion.train.loop import train_step
 
-    prec = Precision(torch.device("cpu"), "fp32")
-    data = recipe.prepare_data(cfg, prec.device)
-    state = TrainState.create(data.cfg, lambda: recipe.build_model(data.cfg), data.train_set, prec)
-    task = recipe.make_task(TaskContext(data.cfg, None, prec, state.mem_format, None,
-                                        data.train_set, data.val_set))
+    state, task, data = state_and_task(cfg, recipe, Precision(torch.device("cpu"), "fp32"))
     for _ in range(3):
         train_step(state, task, data.cfg.train)
     base, peak, done = _rss(), [0], threading.Event()

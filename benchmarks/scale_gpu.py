@@ -31,19 +31,16 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def _state(overrides: list[str]):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bucketing import state_and_task
     from effusion.config import load_config
     from effusion.precision import Precision
     from effusion.recipes.generative import DiffusionRecipe
-    from effusion.train.loop import TaskContext, resolve_runtime
-    from effusion.train.state import TrainState
+    from effusion.train.loop import resolve_runtime
 
     cfg, prec, _ = resolve_runtime(load_config(None, overrides))
-    recipe = DiffusionRecipe()
-    data = recipe.prepare_data(cfg, prec.device)
-    cfg = data.cfg
-    state = TrainState.create(cfg, lambda: recipe.build_model(cfg), data.train_set, prec)
-    ctx = TaskContext(cfg, None, prec, state.mem_format, None, data.train_set, data.val_set)
-    return cfg, state, recipe.make_task(ctx)
+    state, task, data = state_and_task(cfg, DiffusionRecipe(), prec)
+    return data.cfg, state, task
 
 
 SYNC_CONFIGS = {
@@ -152,20 +149,15 @@ def bucket_memory(steps: int) -> dict:
 
     from effusion.config import load_config
     from effusion.precision import Precision
-    from effusion.train.loop import TaskContext, train_step
-    from effusion.train.state import TrainState
+    from effusion.train.loop import train_step
 
     out = {}
     for arm in ("bucket", "pad", "crop"):
         cfg = load_config(None, bucketing.BASE + bucketing.ARMS[arm] + [
             "model.channels=64", "model.head_channels=64", "train.batch_size=128",
             "train.device=cuda", "train.precision=bf16", "train.threads=0"])
-        prec = Precision(torch.device("cuda"), "bf16")
-        recipe = bucketing.recipe_for(arm)
-        data = recipe.prepare_data(cfg, prec.device)
-        state = TrainState.create(data.cfg, lambda: recipe.build_model(data.cfg), data.train_set, prec)
-        task = recipe.make_task(TaskContext(data.cfg, None, prec, state.mem_format, None,
-                                            data.train_set, data.val_set))
+        state, task, data = bucketing.state_and_task(cfg, bucketing.recipe_for(arm),
+                                                     Precision(torch.device("cuda"), "bf16"))
         for _ in range(5):
             train_step(state, task, data.cfg.train)
         torch.cuda.synchronize()

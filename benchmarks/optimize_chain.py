@@ -6,9 +6,13 @@ asks for (`baseline`, `chain`, `speedup`, `fid_ratio`, `frontier`, `frontier_spe
 Passes made from RUN (in --work, named RUN-<suffix>):
   -gd        guidance distillation (--minutes)
   -gd-s4     + progressive step distillation 16 -> 8 -> 4 DDIM steps (--step-minutes)
+  -gd-cd     + consistency distillation, 4 consistency steps (--step-minutes, --skip)
   -gd-p      guidance-distilled student pruned by Taylor importance (--prune-ratio,
              --prune-minutes of distillation fine-tune)
-  -onnx, -gd-onnx, -gd-s4-onnx, -gd-p-onnx   ONNX Runtime exports
+  -onnx, -gd-onnx, -gd-s4-onnx, -gd-cd-onnx, -gd-p-onnx   ONNX Runtime exports
+
+The chain row is the step student named by --step-method (progressive or consistency);
+both are in the table.
 
     python benchmarks/optimize_chain.py --run runs/demo [--n 500] [--reuse]
         [--json benchmarks/results/optimize_chain.json]
@@ -37,6 +41,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--step-minutes", type=float, default=8.0)
+    ap.add_argument("--skip", type=int, default=25)
+    ap.add_argument("--step-method", choices=("progressive", "consistency"),
+                    default="progressive")
     ap.add_argument("--prune-ratio", type=float, default=0.3)
     ap.add_argument("--prune-minutes", type=float, default=4.0)
     ap.add_argument("--work", type=Path, default=None)
@@ -58,10 +65,14 @@ def main() -> None:
               ("-gd-s4", lambda d: distill_steps(path("-gd"), d, steps=4, from_steps=16,
                                                  minutes=args.step_minutes, fresh=True,
                                                  progress=False)),
+              ("-gd-cd", lambda d: distill_steps(path("-gd"), d, steps=4, method="consistency",
+                                                 skip=args.skip, minutes=args.step_minutes,
+                                                 fresh=True, progress=False)),
               ("-gd-p", lambda d: prune(path("-gd"), d)),
               ("-onnx", lambda d: export_run(args.run, d)),
               ("-gd-onnx", lambda d: export_run(path("-gd"), d)),
               ("-gd-s4-onnx", lambda d: export_run(path("-gd-s4"), d)),
+              ("-gd-cd-onnx", lambda d: export_run(path("-gd-cd"), d)),
               ("-gd-p-onnx", lambda d: export_run(path("-gd-p"), d))]
     pass_seconds = {}
     for suffix, make in passes:
@@ -74,7 +85,7 @@ def main() -> None:
 
     def score(label: str, run: Path, steps: int, guided_halves: int) -> dict:
         print(f"-- {label}", flush=True)
-        r = evaluate_run(run, args.n, steps=steps, bpd_n=0, features=features)
+        r = evaluate_run(run, args.n, steps=steps, bpd_n=0, features=features)  # its sampler
         return {"variant": label, "run": str(run), "steps": steps, "sampler": r["sampler"],
                 "passes": read_lineage(run), "seconds_per_1000": r["sample_seconds"] * 1000 / args.n,
                 "fid": r["fid"], "class_accuracy": r.get("class_accuracy"), "recall": r["recall"],
@@ -88,10 +99,14 @@ def main() -> None:
              score("guidance distillation + ONNX Runtime + 10 steps", path("-gd-onnx"), 10, 1),
              score(f"guidance distillation + pruning {args.prune_ratio:.0%} + ONNX Runtime + 10 steps",
                    path("-gd-p-onnx"), 10, 1),
-             score("guidance distillation + step distillation (4 DDIM steps), eager",
+             score("guidance distillation + progressive distillation (4 DDIM steps), eager",
                    path("-gd-s4"), 4, 1),
-             score("chain: guidance distillation + step distillation + ONNX Runtime, 4 steps",
-                   path("-gd-s4-onnx"), 4, 1)]
+             score("guidance distillation + consistency distillation (4 steps), eager",
+                   path("-gd-cd"), 4, 1)]
+    name = "progressive" if args.step_method == "progressive" else "consistency"
+    student = "-gd-s4" if args.step_method == "progressive" else "-gd-cd"
+    rows += [score(f"chain: guidance distillation + {name} distillation + ONNX Runtime, 4 steps",
+                   path(f"{student}-onnx"), 4, 1)]
     base, chain = rows[0], rows[-1]
     for r in rows:
         r["speedup"] = base["seconds_per_1000"] / r["seconds_per_1000"]

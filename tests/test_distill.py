@@ -103,6 +103,19 @@ def test_student_exports_to_onnx_with_its_guidance_input(teacher, tmp_path):
 
 # ------------------------------------------------------------------ step distillation
 
+def _x0_errors(teacher_model, student_dir, x, t, c, w, target) -> list[float]:
+    """Mean squared error of the x0 estimate to `target`: the untrained student (the
+    teacher's weights in the student's config) first, the trained one second."""
+    from effusion.diffusion import to_x0
+
+    student = load_run(student_dir, device="cpu")
+    cfg = student.config
+    with torch.no_grad():
+        untrained = from_teacher(teacher_model)(cfg).eval()
+        return [float((to_x0(cfg.diffusion.prediction, student.schedule, m(x, t, c, w=w), x, t)
+                       - target).square().mean()) for m in (untrained, student.model)]
+
+
 def _step_task(run_dir, steps: int):
     """A DistillTask for `steps` student steps with the run as teacher, without a loop."""
     from effusion.diffusion import schedule_for
@@ -162,13 +175,9 @@ def test_step_student_learns_two_teacher_steps_in_one(teacher, tmp_path):
     i = torch.randint(0, 2, (32,), generator=g)
     t, c, w = task.grid[i], torch.arange(32) % 10, torch.full((32,), 2.0)
     z = task.schedule.q_sample(x0, t, torch.randn(x0.shape, generator=g))
-    pred = cfg.diffusion.prediction
     with torch.no_grad():
-        tgt = to_x0(pred, task.schedule, task._step_target(z, t, i, c, w), z, t)
-        untrained = from_teacher(load_run(teacher, device="cpu").model)(cfg).eval()
-        trained = load_run(out, device="cpu").model
-        err = [float((to_x0(pred, task.schedule, m(z, t, c, w=w), z, t) - tgt).square().mean())
-               for m in (untrained, trained)]
+        tgt = to_x0(cfg.diffusion.prediction, task.schedule, task._step_target(z, t, i, c, w), z, t)
+    err = _x0_errors(load_run(teacher, device="cpu").model, out, z, t, c, w, tgt)
     assert err[1] < 0.8 * err[0], err
     images = generate(load_run(out, device="cpu"), 4, seed=0)  # its own 2 DDIM steps
     assert images.shape == (4, 1, 16, 16)
@@ -190,6 +199,123 @@ def test_step_distillation_rounds_resume_and_refuse_bad_counts(teacher, tmp_path
     for bad in ((4, 4), (4, 12), (0, 8)):
         with pytest.raises(ConfigError, match="power of two"):
             distill_steps(teacher, tmp_path / "x", steps=bad[0], from_steps=bad[1], progress=False)
+
+
+# ------------------------------------------------------------------ consistency distillation
+
+def test_consistency_sampler_returns_the_x0_of_a_consistent_denoiser():
+    """A denoiser whose x0 is the same everywhere is a perfect consistency function: the
+    multistep sampler returns that x0 at any step count, and redraws noise between steps."""
+    from effusion.diffusion import Schedule, make_betas, sample_consistency, timesteps
+
+    sched = Schedule(make_betas("cosine", 50))
+    target_x0 = torch.rand(3, 1, 4, 4)
+    seen = []
+
+    def den(x, t, cond):
+        seen.append((int(t[0]), x.clone()))
+        return target_x0
+
+    for steps in (1, 2, 4):
+        seen.clear()
+        out = sample_consistency(den, sched, torch.randn(3, 1, 4, 4), steps,
+                                 generator=torch.Generator().manual_seed(0))
+        assert torch.equal(out, target_x0)
+        assert [t for t, _ in seen] == timesteps(sched, steps, "trailing")
+    # the second point is x0 noised afresh to t = 24: its noise is not the first point's
+    x1 = seen[1][1]
+    ab = float(sched.alpha_bar(seen[1][0]))
+    eps = (x1 - ab ** 0.5 * target_x0) / (1 - ab) ** 0.5
+    assert 0.5 < float(eps.std()) < 1.5
+
+
+def _consistency_task(run_dir, skip: int):
+    from effusion.diffusion import schedule_for
+    from effusion.diffusion.samplers import timesteps
+    from effusion.recipes.distill import ConsistencyTask, Teacher
+
+    run = load_run(run_dir, device="cpu")
+    task = ConsistencyTask.__new__(ConsistencyTask)
+    task.cfg, task.schedule, task.steps = run.config, schedule_for(run.config), None
+    task.teacher, task.w_range, task.encode_batches = Teacher(run), None, False
+    task.mem_format = torch.contiguous_format
+    task.prec = run.precision
+    T = task.schedule.T
+    task.points = torch.tensor([-1] + timesteps(task.schedule, T // skip, "trailing")[::-1])
+    return task, run
+
+
+def test_consistency_loss_vanishes_for_a_consistent_student_and_anchors_at_the_data(teacher):
+    from effusion.diffusion import from_x0
+
+    task, run = _consistency_task(teacher, 5)
+    assert task.points.tolist() == [-1, 4, 9, 14, 19, 24, 29, 34, 39, 44, 49]
+    pred = run.config.diffusion.prediction
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(16, 1, 16, 16, generator=g).clamp(-1, 1)
+
+    class Knows(torch.nn.Module):  # answers, at every x_t and t, the output implying x0
+        def forward(self, z, t, cond, w=None):
+            return from_x0(pred, task.schedule, x0, z, t)
+
+    task.teacher = lambda z, t, cond, w: from_x0(pred, task.schedule, x0, z, t)
+    assert float(task.loss(Knows(), x0, torch.arange(16) % 10, g)) < 1e-4
+
+    class Off(Knows):  # self-consistent, but to other images than the teacher's
+        def forward(self, z, t, cond, w=None):
+            return from_x0(pred, task.schedule, x0 + 0.5, z, t)
+
+    # Only pairs ending at t_0 (the data: the target is the teacher's step there, x0) see
+    # it; without that anchor any consistent function would do.
+    x0 = x0[:1].expand(64, -1, -1, -1).contiguous()
+    task.teacher = lambda z, t, cond, w: from_x0(pred, task.schedule, x0, z, t)
+    assert float(task.loss(Off(), x0, torch.arange(64) % 10, g)) > 0.1
+    task.points = task.points[1:]  # no anchor: the same student costs nothing
+    assert float(task.loss(Off(), x0, torch.arange(64) % 10, g)) < 1e-4
+
+
+def test_consistency_student_gets_closer_to_the_teacher_ode_end(teacher, tmp_path):
+    from effusion.diffusion import sample_ddim
+    from effusion.recipes import distill_steps
+
+    out = tmp_path / "cd"
+    distill_steps(teacher, out, steps=2, method="consistency", skip=5, minutes=0, progress=False,
+                  overrides=["train.max_steps=80", "train.lr=1e-3", "train.ema_decay=0",
+                             "train.warmup_steps=5"])
+    cfg = read_config(out)
+    assert (cfg.sample.sampler, cfg.sample.steps) == ("consistency", 2)
+    assert cfg.model.guidance_input
+    (entry,) = read_lineage(out)
+    assert entry["pass"] == "distill-steps" and entry["method"] == "consistency"
+    assert entry["skip"] == 5
+    t_run = load_run(teacher, device="cpu")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 1, 16, 16, generator=g)
+    c, w = torch.arange(32) % 10, torch.full((32,), 2.0)
+    t = torch.full((32,), 49)
+    # the ODE's end from x at t = T-1: the guided teacher's 10-step DDIM on the same grid
+    end = sample_ddim(t_run.denoiser(guidance=2.0, clip_x0=False), t_run.schedule, x, 10,
+                      cond=c, spacing="trailing")
+    err = _x0_errors(t_run.model, out, x, t, c, w, end)
+    assert err[1] < 0.8 * err[0], err
+    images = generate(load_run(out, device="cpu"), 4, seed=0)  # its own 2 consistency steps
+    assert images.shape == (4, 1, 16, 16)
+    assert torch.equal(images, generate(load_run(out, device="cpu"), 4, seed=0))
+
+
+def test_consistency_distillation_refuses_bad_settings(teacher, tmp_path):
+    from effusion.recipes import distill_steps
+
+    with pytest.raises(ConfigError, match="--method"):
+        distill_steps(teacher, tmp_path / "a", method="lcm", progress=False)
+    with pytest.raises(ConfigError, match="--skip must divide"):
+        distill_steps(teacher, tmp_path / "b", method="consistency", skip=7, minutes=0,
+                      progress=False, overrides=["train.max_steps=1"])
+    pd = tmp_path / "pd"
+    distill_steps(teacher, pd, steps=2, from_steps=4, minutes=0, progress=False,
+                  overrides=["train.max_steps=1"])
+    with pytest.raises(Exception, match="progressive student"):
+        distill_steps(teacher, pd, method="consistency", minutes=0, progress=False)
 
 
 # ------------------------------------------------------------------ smaller student

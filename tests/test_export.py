@@ -148,3 +148,36 @@ def test_openvino_int8_is_nncf_quantized_close_and_loads_as_a_run(exported, tmp_
         ref, got = eager(x, t, c), loaded.model(x, t, c)
     assert 0 < (got - ref).square().mean().sqrt() < 0.2 * ref.std()
     assert generate(loaded, 2, steps=2, seed=0).shape == (2, 1, 16, 16)
+
+
+def test_fp16_graph_is_half_the_bytes_close_to_fp32_and_samples(exported, tmp_path):
+    """--fp16: an fp16 graph behind fp32 inputs and output (for ONNX Runtime on CUDA or
+    TensorRT); ONNX Runtime's CPU provider runs it too, which checks it here."""
+    import onnx
+
+    run, out, _ = exported
+    report = export_run(run, tmp_path / "h", repeats=1, fp16=True)
+    assert report["fp16"] is True and "engine_fp32" in report["latency_ms"]["1"]
+    assert report["bytes"] < report["bytes_fp32_graph"]  # (the graph's text dominates here)
+    assert not list((tmp_path / "h").glob("*.tmp"))
+    graph = onnx.load(str(tmp_path / "h" / "model.onnx"))
+    f16 = onnx.TensorProto.FLOAT16
+    assert [i.type.tensor_type.elem_type for i in graph.graph.input[:1]] == [onnx.TensorProto.FLOAT]
+    eager, h = load_run(run, device="cpu").model, load_run(tmp_path / "h", device="cpu").model
+    n_params = sum(p.numel() for p in eager.parameters())
+    half_bytes = sum(len(i.raw_data) for i in graph.graph.initializer if i.data_type == f16)
+    assert 0.9 * 2 * n_params <= half_bytes <= 2 * n_params  # (nearly) every weight in fp16
+    g = torch.Generator().manual_seed(4)
+    x, c = torch.randn(16, 1, 16, 16, generator=g), torch.randint(0, 11, (16,), generator=g)
+    t = torch.tensor([0, 1, 2, 3, 10, 20, 30, 40, 45, 46, 47, 48, 49, 49, 25, 5])
+    with torch.no_grad():
+        ref, got = eager(x, t, c), h(x, t, c)
+    assert got.dtype == torch.float32
+    # fp16 rounding only (the t embedding stays fp32): far below int8's error
+    assert 0 < (got - ref).abs().max() < 0.02 * ref.abs().max()
+    assert read_lineage(tmp_path / "h")[-1]["fp16"] is True
+    assert generate(load_run(tmp_path / "h", device="cpu"), 2, steps=2, seed=0).shape == (2, 1, 16, 16)
+    with pytest.raises(ConfigError, match="choose one"):
+        export_run(run, tmp_path / "y", fp16=True, int8=True)
+    with pytest.raises(ConfigError, match="--format onnx --fp16"):
+        export_run(run, tmp_path / "z", fmt="openvino", fp16=True)

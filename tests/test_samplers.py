@@ -72,7 +72,7 @@ def test_ddim_eta0_is_deterministic_given_x_T(sch):
 
 
 @pytest.mark.parametrize("name,kw", [("ddim", {"eta": 0.0}), ("ddim", {"eta": 1.0}),
-                                     ("ddpm", {}), ("dpmpp_2m", {})])
+                                     ("ddpm", {}), ("dpmpp_2m", {}), ("consistency", {})])
 def test_same_seed_reproduces_bit_exactly(sch, name, kw):
     den = gaussian_denoiser(sch)
 

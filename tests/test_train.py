@@ -396,6 +396,42 @@ def test_train_state_round_trip(make_cfg):
     assert isinstance(PlainRecipe().build_model(cfg), torch.nn.Module)
 
 
+def test_guidance_input_learns_at_its_own_rate_and_old_optimizer_states_are_refused(make_cfg):
+    """A guidance student's new w embedding trains at GUIDANCE_LR_SCALE x the LR (its own
+    groups); a checkpoint whose optimizer was built with other groups is a clear error."""
+    from effusion.models import build_model as build
+    from effusion.models.unet import GUIDANCE_LR_SCALE
+    from effusion.precision import Precision
+    from effusion.runs import CheckpointError
+    from effusion.train.loop import load_training_data
+    from effusion.train.optim import build_optimizer, set_lr
+    from effusion.train.state import TrainState
+
+    cfg = load_training_data(make_cfg("model.num_classes=10", "model.guidance_input=true",
+                                      "train.weight_decay=0.01")).cfg
+    model = build(cfg)
+    opt = build_optimizer(model, cfg.train)
+    set_lr(opt, 1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in opt.param_groups:
+        fast = [names[id(p)].startswith("guidance_mlp.") for p in g["params"]]
+        assert all(fast) or not any(fast)
+        assert g["lr"] == pytest.approx(1e-3 * (GUIDANCE_LR_SCALE if fast and fast[0] else 1))
+    scaled = [p for g in opt.param_groups if g.get("lr_scale") for p in g["params"]]
+    assert len(scaled) == len(list(model.guidance_mlp.parameters())) == 4
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0, 0.01, 0.0]
+    plain = build_optimizer(build(load_training_data(make_cfg()).cfg), cfg.train)
+    assert len(plain.param_groups) == 2  # models without a guidance input: as before
+
+    prec = Precision(torch.device("cpu"), "fp32")
+    data = load_training_data(cfg)
+    state = TrainState.create(cfg, lambda: build(cfg), data.train_set, prec)
+    sd = state.state_dict({})
+    sd["optimizer"] = {**sd["optimizer"], "param_groups": sd["optimizer"]["param_groups"][:2]}
+    with pytest.raises(CheckpointError, match="parameter groups.*--fresh"):
+        state.load_state_dict(sd)
+
+
 def test_a_slow_machine_trains_a_narrower_unet_for_its_time_budget(run_dir, make_cfg, monkeypatch,
                                                                     capsys):
     """The probe at the start of a time-budgeted run halves model.channels when fewer than

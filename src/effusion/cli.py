@@ -126,7 +126,7 @@ def train(
 def sample(
     run: Path = typer.Option(..., "--run", help="Run directory written by `effusion train`."),
     n: int = typer.Option(64, "--n", help="Number of samples."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim | ddpm | dpmpp_2m (default: the run's)."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim | ddpm | dpmpp_2m | consistency (default: the run's)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the sampler's)."),
     seed: int = typer.Option(0, "--seed"),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM noise (0 = deterministic)."),
@@ -517,24 +517,26 @@ def optimize_export(
     fmt: str = typer.Option("onnx", "--format", help="onnx (the graph run by ONNX Runtime) | openvino (the same graph run by OpenVINO)."),
     int8: bool = typer.Option(False, "--int8", help="Static int8 quantization, calibrated on noisy real inputs across timesteps (onnx: ONNX Runtime's QDQ tooling; openvino: NNCF post-training quantization)."),
     calib_batches: int = typer.Option(16, "--calib-batches", help="Calibration batches of 16 (with --int8)."),
+    fp16: bool = typer.Option(False, "--fp16", help="onnx: an fp16 graph (fp32 inputs and output) for ONNX Runtime on CUDA, with TensorRT's execution provider where installed; CPUs run it, slowly."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Export the U-Net (EMA weights, fp32) and check it against the eager model; `sample`
     and `evaluate` take the new run directory like any other."""
     from effusion.optimize.export import export_run
 
-    r = export_run(run, out, fmt, int8=int8, calib_batches=calib_batches)
+    r = export_run(run, out, fmt, int8=int8, calib_batches=calib_batches, fp16=fp16)
     if as_json:
         emit_json(r)
         return
     typer.echo(f"exported {run} -> {out / 'model.onnx'} ({r['bytes']:,} bytes); max abs "
                f"difference to eager fp32: {r['max_abs_diff_fp32']:.2e}")
     name = r["engine"]
-    engine = f"{name} int8" if int8 else name
-    extra = f" {name} fp32 ms |" if int8 else ""
-    typer.echo(f"| batch | eager fp32 ms |{extra} {engine} ms | speedup |\n|---|---|" + "---|" * (2 + int8))
+    reduced = int8 or fp16
+    engine = f"{name} {'int8' if int8 else 'fp16'}" if reduced else name
+    extra = f" {name} fp32 ms |" if reduced else ""
+    typer.echo(f"| batch | eager fp32 ms |{extra} {engine} ms | speedup |\n|---|---|" + "---|" * (2 + reduced))
     for b, v in r["latency_ms"].items():
-        mid = f" {v['engine_fp32']:.1f} |" if int8 else ""
+        mid = f" {v['engine_fp32']:.1f} |" if reduced else ""
         typer.echo(f"| {b} | {v['eager_fp32']:.1f} |{mid} {v['engine']:.1f} | {v['speedup']:.2f}x |")
 
 
@@ -621,20 +623,26 @@ def optimize_distill_steps(
                                    "halved each round down to --steps."),
     minutes: float = typer.Option(10.0, "--minutes", help="Training budget for all rounds (wall time)."),
     guidance_range: str = typer.Option("1,3", "--guidance-range", help="Weights a guided student learns, lo,hi."),
+    method: str = typer.Option("progressive", "--method", help="progressive (halving rounds) | consistency (one consistency-distillation run; any step count after)."),
+    skip: int = typer.Option(25, "--skip", help="consistency: timesteps per teacher DDIM step on the distillation grid."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. train.lr=1e-4."),
     resume: bool = typer.Option(False, "--resume", help="Skip finished rounds, resume the current one."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the student's old checkpoints first."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Progressive step distillation (Salimans & Ho 2022): each round a student learns to
-    take one DDIM step where its teacher takes two; the result samples in --steps steps."""
+    """Step distillation. progressive (Salimans & Ho 2022): each round a student learns to
+    take one DDIM step where its teacher takes two; the result samples in --steps DDIM
+    steps. consistency (Song et al. 2023): the student maps any point of the teacher's
+    ODE path to its end; it samples with the consistency sampler in --steps steps."""
     from effusion.recipes import distill_steps
 
     result = distill_steps(run, out, steps=steps, from_steps=from_steps, minutes=minutes,
                            guidance_range=_pair(guidance_range, "--guidance-range"),
-                           overrides=set_, resume=resume, fresh=fresh, progress=not quiet)
+                           method=method, skip=skip, overrides=set_, resume=resume,
+                           fresh=fresh, progress=not quiet)
     _distilled(result, out)
-    typer.echo(f"the student samples with DDIM in {steps} steps by default")
+    sampler = "the consistency sampler" if method == "consistency" else "DDIM"
+    typer.echo(f"the student samples with {sampler} in {steps} steps by default")
 
 
 @optimize_app.command("distill-student")

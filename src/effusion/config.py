@@ -169,7 +169,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: Literal["ddim", "ddpm", "dpmpp_2m"] = "dpmpp_2m"
+    sampler: Literal["ddim", "ddpm", "dpmpp_2m", "consistency"] = "dpmpp_2m"
     steps: int = 25
     eta: float = 0.0  # DDIM noise; 0 = deterministic
     spacing: Literal["linspace", "leading", "trailing"] = "trailing"

@@ -40,7 +40,8 @@ def resolve_sampler(run: LoadedRun, sampler: str | None, steps: int | None) -> t
         # The config's step count belongs to the config's sampler; others get their usual
         # defaults (DDPM's ancestral chain needs all T steps to be accurate).
         steps = sc.steps if name == sc.sampler else {"ddim": 50, "dpmpp_2m": 25,
-                                                      "ddpm": run.schedule.T}[name]
+                                                      "ddpm": run.schedule.T,
+                                                      "consistency": 4}[name]
     return name, steps
 
 

@@ -139,10 +139,38 @@ def sample_dpmpp_2m(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, s
     return x
 
 
+@torch.inference_mode()
+def sample_consistency(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, steps: int = 4, *,
+                       cond: torch.Tensor | None = None, spacing: Spacing = "trailing",
+                       generator: Generators = None,
+                       callback: Callback | None = None) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, alg. 1): at each visited t the
+    network's x0 estimate is taken as the answer, then noised afresh to the next t.
+
+    Made for consistency-distilled students (`distill-steps --method consistency`), whose
+    x0 estimate is already the end of the ODE path through x_t; one step is one network
+    call. Unlike DDIM, the next point reuses none of x_t's noise.
+    """
+    ts = timesteps(schedule, steps, spacing)
+    x = x_T.float()
+    for i, t in enumerate(ts):
+        t_next = ts[i + 1] if i + 1 < len(ts) else -1
+        x0 = denoiser(x, _batched_t(t, x), cond)
+        if t_next < 0:
+            x = x0
+        else:
+            ab_next = schedule.alpha_bar(t_next).item()
+            x = ab_next ** 0.5 * x0 + (1 - ab_next) ** 0.5 * _randn(x0, generator)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": sample_ddim,
     "ddpm": sample_ddpm,
     "dpmpp_2m": sample_dpmpp_2m,
+    "consistency": sample_consistency,
 }
 
 

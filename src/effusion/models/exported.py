@@ -10,6 +10,7 @@ so the file on disk stays the portable graph and the fused one lives in memory. 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,9 @@ from effusion.config import ConfigError
 ONNX_HINT = "ONNX export and inference need onnx and onnxruntime: pip install 'effusion[onnx]'"
 OPENVINO_HINT = "the OpenVINO engine needs openvino: pip install 'effusion[openvino]'"
 ENGINES = ("onnxruntime", "openvino")
+# ONNX Runtime's GPU execution providers, in order of preference (an fp16 graph runs in
+# fp16 on both; TensorRT also fuses further and builds an engine per input shape)
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 def import_onnxruntime():
@@ -98,8 +102,12 @@ class OnnxNetwork(_GraphNetwork):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+        if device.type == "cuda":  # TensorRT first where installed, then CUDA, then the CPU
+            have = ort.get_available_providers()
+            providers = [p for p in GPU_PROVIDERS if p in have] + providers
+            if len(providers) == 1:
+                warnings.warn("onnxruntime has no CUDA execution provider here (pip install "
+                              "onnxruntime-gpu): the graph runs on the CPU", stacklevel=2)
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types

@@ -19,6 +19,7 @@ weights. Whether int8 is faster depends on the CPU's int8 dot-product instructio
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import io
 import logging
@@ -75,14 +76,33 @@ def example_inputs(run: LoadedRun, batch: int, seed: int = 0) -> tuple[torch.Ten
     return x, t, cond, 1 + 3 * torch.rand(batch, generator=g)  # guidance weights
 
 
-def export_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> Path:
-    """Export `model(x, t[, cond])` to ONNX with a dynamic batch dimension (opset 18)."""
+class _Half(nn.Module):
+    """An fp16 copy of the U-Net behind fp32 inputs and output: x is cast on the way in and
+    the prediction on the way out; the sinusoidal t and w embeddings stay fp32 (the U-Net
+    computes them in fp32 before casting to x's dtype: fp16 cannot hold t * freq to the
+    precision sin and cos need at t ~ 1000)."""
+
+    def __init__(self, sig: _Signature):
+        super().__init__()
+        self.sig = sig.half()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                w: torch.Tensor | None = None):
+        return self.sig(x.half(), t, cond, w).float()
+
+
+def export_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
+                fp16: bool = False) -> Path:
+    """Export `model(x, t[, cond[, w]])` to ONNX with a dynamic batch dimension (opset 18);
+    `fp16`: weights and activations in fp16, inputs and output still fp32."""
     if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
         raise ConfigError(ONNX_HINT)  # the exporter needs both
     names = ["x", "t", "cond", "w"][:len(example)]
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic = {n: {0: batch} for n in names}
     sig = _Signature(model, len(example)).eval()
+    if fp16:
+        sig = _Half(copy.deepcopy(sig)).eval()
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping ..."
@@ -173,11 +193,20 @@ def quantize_openvino_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarra
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
-               repeats: int = 10, int8: bool = False, calib_batches: int = 16) -> dict[str, Any]:
+               repeats: int = 10, int8: bool = False, calib_batches: int = 16,
+               fp16: bool = False) -> dict[str, Any]:
     """Export a diffusion run and write `out_dir` as a run directory; returns the report.
-    `int8`: quantize the graph statically, calibrated on `calib_batches` batches of 16."""
+    `int8`: quantize the graph statically, calibrated on `calib_batches` batches of 16.
+    `fp16` (ONNX): an fp16 graph for GPUs (ONNX Runtime's CUDA or TensorRT execution
+    provider); it runs on CPUs too, but CPUs have no fast fp16 arithmetic (the report
+    times it against the fp32 graph on this machine)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
+    if fp16 and int8:
+        raise ConfigError("--fp16 and --int8 are two different graphs: choose one")
+    if fp16 and fmt != "onnx":
+        raise ConfigError("--fp16 is an ONNX graph for ONNX Runtime on GPUs; OpenVINO picks "
+                          "its own inference precision per device (use --format onnx --fp16)")
     engine = FORMATS[fmt]
     import_onnxruntime()  # the exporter's check and int8 tooling
     if engine == "openvino":
@@ -193,17 +222,21 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
     model = src.model.float().to(memory_format=torch.contiguous_format).eval()
     out.mkdir(parents=True, exist_ok=True)
     nncf_int8 = int8 and engine == "openvino"
-    fp32_path = out / (FP32_TMP if int8 and not nncf_int8 else ONNX_MODEL)
+    reduced = int8 or fp16  # a graph timed against the fp32 one
+    fp32_path = out / (FP32_TMP if reduced and not nncf_int8 else ONNX_MODEL)
     export_onnx(model, example_inputs(src, 2), fp32_path)
     graph, how = out / ONNX_MODEL, "static, QDQ, calibrated"
-    if nncf_int8:
+    if fp16:
+        export_onnx(model, example_inputs(src, 2), graph, fp16=True)
+    elif nncf_int8:
         graph, how = out / OPENVINO_INT8, "NNCF post-training, mixed preset, calibrated"
         quantize_openvino_int8(fp32_path, graph, calibration_feeds(src, calib_batches))
     elif int8:
         quantize_onnx_int8(fp32_path, graph, calibration_feeds(src, calib_batches))
     lineage = read_lineage(run_dir) + [{"pass": "export", "base": str(run_dir.resolve()),
                                         "format": "onnx", "engine": engine, "step": src.step,
-                                        **({"int8": how} if int8 else {})}]
+                                        **({"int8": how} if int8 else {}),
+                                        **({"fp16": True} if fp16 else {})}]
     write_config(out, src.config, lineage)  # a latent run's VAE stays eager (model.vae)
     net = load_graph(graph, engine)
     check = example_inputs(src, 8, seed=1)
@@ -212,13 +245,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
         diff = (net(*check[:3], **kw) - model(*check[:3], **kw)).abs().max().item()
     report: dict[str, Any] = {"source": str(run_dir), "format": "onnx", "engine": engine,
                               "opset": 18,
-                              "int8": how if int8 else False, "max_abs_diff_fp32": diff,
+                              "int8": how if int8 else False, "fp16": fp16,
+                              "max_abs_diff_fp32": diff,
                               "bytes": _graph_bytes(graph),
                               "threads": torch.get_num_threads(), "latency_ms": {}}
-    fp32_net = load_graph(fp32_path, engine) if int8 else None
-    if int8:
+    fp32_net = load_graph(fp32_path, engine) if reduced else None
+    if reduced:
         report["bytes_fp32_graph"] = _graph_bytes(fp32_path)
-        report["max_abs_diff_note"] = "int8 graph against the eager fp32 network"
+        report["max_abs_diff_note"] = (f"{'int8' if int8 else 'fp16'} graph against the "
+                                       "eager fp32 network")
     for b in (1, 8, 64):
         inputs = example_inputs(src, b)
         eager = latency_ms(model, *inputs, repeats=repeats)
@@ -228,7 +263,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
         if fp32_net is not None:
             report["latency_ms"][str(b)]["engine_fp32"] = latency_ms(fp32_net, *inputs,
                                                                      repeats=repeats)
-    if int8 and not nncf_int8:
+    if reduced and not nncf_int8:
         fp32_path.unlink()  # (NNCF's run keeps its fp32 ONNX graph as the portable one)
     write_json(out / REPORT, report)
     return report

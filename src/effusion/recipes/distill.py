@@ -1,7 +1,9 @@
 """Distillation: a student network learns from a frozen teacher run, through the shared loop
 (same precision, switches, EMA, checkpoints and resume as training).
 
-Three targets, one task (`DistillTask`); each step draws real images (in the teacher's
+Three targets, one task (`DistillTask`), and a fourth in `ConsistencyTask` (consistency
+distillation: the student's x0 estimate must agree with its own at the point one teacher
+DDIM step reaches; see there); each step draws real images (in the teacher's
 space: pixels or VAE latents), timesteps t, noise and, for a student with a guidance
 input, a weight w ~ U[lo, hi]:
 
@@ -165,6 +167,57 @@ class DistillTask(DiffusionTask):
         return loss
 
 
+class ConsistencyTask(DistillTask):
+    """Consistency distillation (Song et al. 2023, alg. 2, with iCT's choices, Song &
+    Dhariwal 2023): on the grid t_0 = -1 < t_1 < ... < t_N = T-1 spaced `skip` timesteps
+    apart, the student's x0 estimate at x_{t_{n+1}} must equal its own x0 estimate
+    (without gradient) at the point the teacher's one DDIM step reaches at t_n. At t_0 the
+    consistency function is the identity (abar = 1: that point is the data itself), which
+    anchors the chain. The network's own x0 estimate is the consistency function (as in
+    latent consistency models): no new parameters, the teacher's weights fit at once.
+
+    Choices, and why: the target network is the student itself under stop-gradient (iCT
+    found an EMA target biases the fixed point and slows training); the distance is iCT's
+    pseudo-Huber in x0 space, c = 0.00054 sqrt(d); pairs are drawn uniformly."""
+
+    def __init__(self, ctx: TaskContext, teacher: Teacher, w_range: tuple[float, float] | None,
+                 skip: int, vae=None):
+        super().__init__(ctx, teacher, w_range, vae=vae)
+        T = self.schedule.T
+        if skip < 1 or T % skip:
+            raise ConfigError(f"--skip must divide the run's {T} timesteps, got {skip}")
+        # ascending: -1 (data), skip-1, 2*skip-1, ..., T-1 (the trailing grid of T/skip steps)
+        self.points = torch.tensor([-1] + timesteps(self.schedule, T // skip, "trailing")[::-1])
+
+    def loss(self, model: Any, x0: torch.Tensor, labels: torch.Tensor | None,
+             gen: torch.Generator) -> torch.Tensor:
+        pred, dev, b = self.cfg.diffusion.prediction, self.prec.device, x0.shape[0]
+        if self.encode_batches:
+            x0 = self.vae.encode(x0)
+        n = torch.randint(1, len(self.points), (b,), generator=gen)
+        s, r = self.points[n], self.points[n - 1]
+        noise = torch.randn(x0.shape, generator=gen)
+        cond = labels.to(dev) if self.cfg.model.num_classes else None
+        w = None
+        if self.w_range is not None:
+            lo, hi = self.w_range
+            w = (lo + (hi - lo) * torch.rand(b, generator=gen)).to(dev)
+        extra = {"w": w} if w is not None else {}
+        x_s = self.schedule.q_sample(x0, s, noise).to(dev, memory_format=self.mem_format)
+        s_dev, r_dev = s.to(dev), r.to(dev)
+        with self.prec.autocast():
+            x_r = self._ddim(x_s.float(), s_dev, r_dev, cond, w)
+            with torch.no_grad():
+                at_r = to_x0(pred, self.schedule, model(x_r, r_dev.clamp(min=0), cond, **extra).float(),
+                             x_r, r_dev.clamp(min=0))
+                at_r = torch.where((r_dev < 0).view(-1, 1, 1, 1), x_r, at_r)
+            at_s = to_x0(pred, self.schedule, model(x_s, s_dev, cond, **extra).float(), x_s, s_dev)
+        d = at_s[0].numel()
+        c = 0.00054 * d ** 0.5
+        dist = ((at_s - at_r.detach()) ** 2).flatten(1).sum(1)
+        return ((dist + c * c).sqrt() - c).mean()
+
+
 class StudentRecipe(DiffusionRecipe):
     """The teacher's data (pixels or its VAE's latents); the student network from
     `make_student(cfg)`."""
@@ -300,9 +353,24 @@ def distill_student(run_dir: str | Path, out_dir: str | Path, *, channels: int,
 ROUNDS_FILE = "rounds.json"
 
 
+def _step_w_range(base: LoadedRun, guidance_range: tuple[float, float]
+                  ) -> tuple[float, float] | None:
+    """The weights a step-distilled student learns: its guidance-distilled teacher's, the
+    asked range for a plain guided run (both stages at once), none for an unguided run."""
+    if base.config.model.guidance_input:
+        return _inherited_range(base, _w_range(guidance_range))
+    if base.num_classes and base.config.train.cond_drop > 0:
+        return _w_range(guidance_range)
+    return None
+
+
+METHODS = ("progressive", "consistency")
+
+
 def distill_steps(run_dir: str | Path, out_dir: str | Path, *, steps: int = 4,
                   from_steps: int = 32, minutes: float = 10.0,
                   guidance_range: tuple[float, float] = (1.0, 3.0),
+                  method: str = "progressive", skip: int = 25,
                   overrides: list[str] | None = None, resume: bool = False,
                   fresh: bool = False, progress: bool = True) -> TrainResult:
     """Progressive distillation from `from_steps` DDIM steps down to `steps`, halving each
@@ -313,20 +381,26 @@ def distill_steps(run_dir: str | Path, out_dir: str | Path, *, steps: int = 4,
     The student samples with DDIM at its own step count (trailing spacing) by default.
     Each round writes `out_dir` afresh from the last round's student; `rounds.json`
     records finished rounds, so `resume=True` skips them and resumes the current one.
+
+    `method="consistency"` trains a consistency student instead (`ConsistencyTask`: one
+    round of `minutes`, the teacher's DDIM steps `skip` timesteps long; `from_steps` is
+    not used). It samples with the multistep consistency sampler at `steps` steps by
+    default, and any other step count works without retraining.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     _check_out(run_dir, out_dir)
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "consistency":
+        return _distill_consistency(run_dir, out_dir, steps=steps, skip=skip, minutes=minutes,
+                                    guidance_range=guidance_range, overrides=overrides,
+                                    resume=resume, fresh=fresh, progress=progress)
     if steps < 1 or from_steps <= steps or from_steps % steps or (from_steps // steps) & (
             from_steps // steps - 1):
         raise ConfigError(f"--from-steps must be --steps times a power of two greater than 1, "
                           f"got --steps {steps} --from-steps {from_steps}")
     base = load_run(run_dir, precision="fp32")
-    if base.config.model.guidance_input:
-        w_range: tuple[float, float] | None = _inherited_range(base, _w_range(guidance_range))
-    elif base.num_classes and base.config.train.cond_drop > 0:
-        w_range = _w_range(guidance_range)
-    else:
-        w_range = None
+    w_range = _step_w_range(base, guidance_range)
     schedule_n = [from_steps // 2 ** k for k in range(1, 64) if from_steps // 2 ** k >= steps]
     per_round = minutes / len(schedule_n)
     rounds_path = out_dir / ROUNDS_FILE
@@ -376,3 +450,35 @@ def distill_steps(run_dir: str | Path, out_dir: str | Path, *, steps: int = 4,
         raise ConfigError(f"{out_dir} already holds every round (down to {steps} steps); "
                           "--fresh redoes them, or choose another --out")
     return result
+
+
+def _distill_consistency(run_dir: Path, out_dir: Path, *, steps: int, skip: int,
+                         minutes: float, guidance_range: tuple[float, float],
+                         overrides: list[str] | None, resume: bool, fresh: bool,
+                         progress: bool) -> TrainResult:
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if (out_dir / ROUNDS_FILE).is_file():
+        if not fresh:
+            raise CheckpointError(f"{out_dir} holds a progressive student ({ROUNDS_FILE}); "
+                                  "--fresh discards it, or choose another --out")
+        (out_dir / ROUNDS_FILE).unlink()
+    base = load_run(run_dir, precision="fp32")
+    if steps > base.schedule.T:
+        raise ConfigError(f"--steps must be at most the run's {base.schedule.T} timesteps")
+    w_range = _step_w_range(base, guidance_range)
+    tc = base.config
+    cfg = replace(tc, model=replace(tc.model, guidance_input=w_range is not None),
+                  train=replace(tc.train, cond_drop=0.0 if w_range else tc.train.cond_drop),
+                  sample=replace(tc.sample, sampler="consistency", steps=steps,
+                                 spacing="trailing", cache_interval=1))
+    cfg = config_from_dict(parse_overrides(DISTILL_DEFAULTS + [f"train.max_minutes={minutes}"]
+                                           + list(overrides or [])), cfg)
+    t = Teacher(base)
+    recipe = StudentRecipe(from_teacher(base.model),
+                           lambda ctx, vae: ConsistencyTask(ctx, t, w_range, skip, vae=vae))
+    lineage = _lineage(base, run_dir, {"pass": "distill-steps", "method": "consistency",
+                                       "steps": steps, "skip": skip, "minutes": minutes,
+                                       **({"guidance_range": list(w_range)} if w_range else {})})
+    return run_loop(cfg, out_dir, recipe, resume=resume, fresh=fresh, progress=progress,
+                    lineage=lineage)

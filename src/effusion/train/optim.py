@@ -22,11 +22,24 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     - sgd: SGD with Nesterov `momentum`.
 
     Weight decay applies to weight matrices and conv kernels only, not to biases or norm
-    gains, whose decay toward zero only hurts.
+    gains, whose decay toward zero only hurts. A model may ask for a higher learning rate
+    on parameters it names (`model.lr_scales()`: {name prefix: factor}); those get their
+    own groups with `lr_scale`, which `set_lr` applies.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+
+    def scale(name: str) -> float:
+        return next((f for prefix, f in scales.items() if name.startswith(prefix)), 1.0)
+
+    groups = []
+    for factor in [1.0] + sorted(set(scales.values()) - {1.0}):
+        mine = [p for n, p in named if scale(n) == factor]
+        extra = {} if factor == 1.0 else {"lr_scale": factor}
+        groups += [{"params": [p for p in mine if p.ndim >= 2], "weight_decay": cfg.weight_decay,
+                    **extra},
+                   {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0, **extra}]
     on_cuda = params[0].is_cuda
     fast = {"fused": True} if on_cuda else {"foreach": True}
     if cfg.optimizer == "adamw":
@@ -64,9 +77,9 @@ def _adamw8bit(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's learning rate."""
+    """Set every group's learning rate (times its `lr_scale`, if it has one)."""
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:

@@ -143,6 +143,13 @@ class TrainState:
     def load_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
         """Restore everything `state_dict` returned; gives back the task's own state."""
         state, rng = sd["state"], sd["rng"]
+        saved, built = len(sd["optimizer"]["param_groups"]), len(self.optimizer.param_groups)
+        if saved != built:
+            raise CheckpointError(
+                f"the checkpoint's optimizer has {saved} parameter groups, this version builds "
+                f"{built} (a guidance input trains at its own learning rate since 2026-11; see "
+                "UNet.lr_scales): resume with the version that wrote it, or start afresh "
+                "(--fresh); its weights still load for sampling")
         if self.fsdp:  # full tensors in, each rank keeps its shard
             from effusion.train import fsdp
 

@@ -103,10 +103,9 @@ def main() -> None:
                    path("-gd-s4"), 4, 1),
              score("guidance distillation + consistency distillation (4 steps), eager",
                    path("-gd-cd"), 4, 1)]
-    name = "progressive" if args.step_method == "progressive" else "consistency"
-    student = "-gd-s4" if args.step_method == "progressive" else "-gd-cd"
-    rows += [score(f"chain: guidance distillation + {name} distillation + ONNX Runtime, 4 steps",
-                   path(f"{student}-onnx"), 4, 1)]
+    student = {"progressive": "-gd-s4", "consistency": "-gd-cd"}[args.step_method]
+    rows += [score(f"chain: guidance distillation + {args.step_method} distillation + ONNX "
+                   "Runtime, 4 steps", path(f"{student}-onnx"), 4, 1)]
     base, chain = rows[0], rows[-1]
     for r in rows:
         r["speedup"] = base["seconds_per_1000"] / r["seconds_per_1000"]

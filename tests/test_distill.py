@@ -308,6 +308,12 @@ def test_consistency_distillation_refuses_bad_settings(teacher, tmp_path):
 
     with pytest.raises(ConfigError, match="--method"):
         distill_steps(teacher, tmp_path / "a", method="lcm", progress=False)
+    from typer.testing import CliRunner
+
+    from effusion.cli import app
+    r = CliRunner().invoke(app, ["optimize", "distill-steps", "--run", str(teacher), "--out",
+                                 str(tmp_path / "c"), "--method", "consistency", "--skip", "7"])
+    assert r.exit_code != 0 and "--skip must divide" in r.output  # both flags reach the pass
     with pytest.raises(ConfigError, match="--skip must divide"):
         distill_steps(teacher, tmp_path / "b", method="consistency", skip=7, minutes=0,
                       progress=False, overrides=["train.max_steps=1"])

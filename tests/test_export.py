@@ -179,5 +179,8 @@ def test_fp16_graph_is_half_the_bytes_close_to_fp32_and_samples(exported, tmp_pa
     assert generate(load_run(tmp_path / "h", device="cpu"), 2, steps=2, seed=0).shape == (2, 1, 16, 16)
     with pytest.raises(ConfigError, match="choose one"):
         export_run(run, tmp_path / "y", fp16=True, int8=True)
+    r = CliRunner().invoke(app, ["optimize", "export", "--run", str(run), "--out",
+                                 str(tmp_path / "c"), "--fp16", "--int8"])
+    assert r.exit_code != 0 and "choose one" in r.output  # the flag reaches export_run
     with pytest.raises(ConfigError, match="--format onnx --fp16"):
         export_run(run, tmp_path / "z", fmt="openvino", fp16=True)

@@ -126,6 +126,23 @@ class DistillTask(DiffusionTask):
         x0 = (z_next - ratio * z) / (ab_next.sqrt() - ratio * ab.sqrt())
         return from_x0(self.cfg.diffusion.prediction, self.schedule, x0, z, t)
 
+    def _cond_and_w(self, labels: torch.Tensor | None, b: int, gen: torch.Generator
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The batch's labels (with the run's label dropout, so a student without w keeps
+        learning "no label") and guidance weights w ~ U[lo, hi], on the device."""
+        dev = self.prec.device
+        cond = w = None
+        if self.cfg.model.num_classes:
+            cond = labels.clone()
+            if self.cfg.train.cond_drop > 0:
+                drop = torch.rand(b, generator=gen) < self.cfg.train.cond_drop
+                cond[drop] = self.cfg.model.num_classes
+            cond = cond.to(dev)
+        if self.w_range is not None:
+            lo, hi = self.w_range
+            w = (lo + (hi - lo) * torch.rand(b, generator=gen)).to(dev)
+        return cond, w
+
     def loss(self, model: Any, x0: torch.Tensor, labels: torch.Tensor | None,
              gen: torch.Generator) -> torch.Tensor:
         dc, dev, b = self.cfg.diffusion, self.prec.device, x0.shape[0]
@@ -138,16 +155,7 @@ class DistillTask(DiffusionTask):
             i = torch.randint(0, self.steps, (b,), generator=gen)
             t = self.grid[i]
         noise = torch.randn(x0.shape, generator=gen)
-        cond = w = None
-        if self.cfg.model.num_classes:
-            cond = labels.clone()
-            if self.cfg.train.cond_drop > 0:  # a student without w keeps learning "no label"
-                drop = torch.rand(b, generator=gen) < self.cfg.train.cond_drop
-                cond[drop] = self.cfg.model.num_classes
-            cond = cond.to(dev)
-        if self.w_range is not None:
-            lo, hi = self.w_range
-            w = (lo + (hi - lo) * torch.rand(b, generator=gen)).to(dev)
+        cond, w = self._cond_and_w(labels, b, gen)
         x_t = self.schedule.q_sample(x0, t, noise).to(dev, memory_format=self.mem_format)
         t_dev = t.to(dev)
         with self.prec.autocast():
@@ -197,11 +205,7 @@ class ConsistencyTask(DistillTask):
         n = torch.randint(1, len(self.points), (b,), generator=gen)
         s, r = self.points[n], self.points[n - 1]
         noise = torch.randn(x0.shape, generator=gen)
-        cond = labels.to(dev) if self.cfg.model.num_classes else None
-        w = None
-        if self.w_range is not None:
-            lo, hi = self.w_range
-            w = (lo + (hi - lo) * torch.rand(b, generator=gen)).to(dev)
+        cond, w = self._cond_and_w(labels, b, gen)
         extra = {"w": w} if w is not None else {}
         x_s = self.schedule.q_sample(x0, s, noise).to(dev, memory_format=self.mem_format)
         s_dev, r_dev = s.to(dev), r.to(dev)
@@ -367,6 +371,18 @@ def _step_w_range(base: LoadedRun, guidance_range: tuple[float, float]
 METHODS = ("progressive", "consistency")
 
 
+def _step_student_config(tc: Config, w_range: tuple[float, float] | None, minutes: float,
+                         overrides: list[str] | None, **sample: Any) -> Config:
+    """A step student's config: its teacher's, with a guidance input where it learns w
+    (then without label dropout), its own sampler settings (trailing spacing) and the
+    fine-tuning defaults for `minutes`."""
+    cfg = replace(tc, model=replace(tc.model, guidance_input=w_range is not None),
+                  train=replace(tc.train, cond_drop=0.0 if w_range else tc.train.cond_drop),
+                  sample=replace(tc.sample, spacing="trailing", **sample))
+    return config_from_dict(parse_overrides(DISTILL_DEFAULTS + [f"train.max_minutes={minutes}"]
+                                            + list(overrides or [])), cfg)
+
+
 def distill_steps(run_dir: str | Path, out_dir: str | Path, *, steps: int = 4,
                   from_steps: int = 32, minutes: float = 10.0,
                   guidance_range: tuple[float, float] = (1.0, 3.0),
@@ -423,13 +439,8 @@ def distill_steps(run_dir: str | Path, out_dir: str | Path, *, steps: int = 4,
         if any(r["steps"] == n for r in done):
             continue
         teacher = load_run(out_dir, precision="fp32") if done else base
-        tc = teacher.config
-        cfg = replace(tc, model=replace(tc.model, guidance_input=w_range is not None),
-                      train=replace(tc.train, cond_drop=0.0 if w_range else tc.train.cond_drop),
-                      sample=replace(tc.sample, sampler="ddim", steps=n, spacing="trailing"))
-        cfg = config_from_dict(parse_overrides(DISTILL_DEFAULTS
-                                               + [f"train.max_minutes={per_round}"]
-                                               + list(overrides or [])), cfg)
+        cfg = _step_student_config(teacher.config, w_range, per_round, overrides,
+                                   sampler="ddim", steps=n)
         t = Teacher(teacher)
         recipe = StudentRecipe(from_teacher(teacher.model),
                                lambda ctx, vae, t=t, n=n: DistillTask(ctx, t, w_range, steps=n,
@@ -467,13 +478,8 @@ def _distill_consistency(run_dir: Path, out_dir: Path, *, steps: int, skip: int,
     if steps > base.schedule.T:
         raise ConfigError(f"--steps must be at most the run's {base.schedule.T} timesteps")
     w_range = _step_w_range(base, guidance_range)
-    tc = base.config
-    cfg = replace(tc, model=replace(tc.model, guidance_input=w_range is not None),
-                  train=replace(tc.train, cond_drop=0.0 if w_range else tc.train.cond_drop),
-                  sample=replace(tc.sample, sampler="consistency", steps=steps,
-                                 spacing="trailing", cache_interval=1))
-    cfg = config_from_dict(parse_overrides(DISTILL_DEFAULTS + [f"train.max_minutes={minutes}"]
-                                           + list(overrides or [])), cfg)
+    cfg = _step_student_config(base.config, w_range, minutes, overrides,
+                               sampler="consistency", steps=steps, cache_interval=1)
     t = Teacher(base)
     recipe = StudentRecipe(from_teacher(base.model),
                            lambda ctx, vae: ConsistencyTask(ctx, t, w_range, skip, vae=vae))

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: demo test test-all bench install clean browser
+.PHONY: demo test test-all bench install clean browser icons
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,10 +32,20 @@ browser:
 	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
 	  || echo "chromium not installed: the page test will skip (apt-get install chromium)"; }
 
-test: $(STAMP) browser
+# The real colour set (data.source=icons) is built from Debian's icon themes; its tests skip
+# with the apt-get line when they are missing and this cannot install them.
+ICON_PACKAGES := faenza-icon-theme oxygen-icon-theme moka-icon-theme
+icons:
+	@[ -d /usr/share/icons/Faenza ] && [ -d /usr/share/icons/oxygen ] && [ -d /usr/share/icons/Moka ] \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && echo "installing Debian's icon themes for the colour data set (apt-get)" \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(ICON_PACKAGES)) >/dev/null 2>&1 \
+	  || echo "icon themes not installed: the icons tests will skip (apt-get install $(ICON_PACKAGES))"; }
+
+test: $(STAMP) browser icons
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP) browser
+test-all: $(STAMP) browser icons
 	$(BIN)/python -m pytest -q -m ""
 
 bench: $(STAMP)

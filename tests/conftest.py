@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES: list[str] = [
     "data.source=mnist5k",
     "data.image_size=16",
+    "data.channels=1",
     "data.limit=64",
     "model.channels=8",
     "model.channel_mult=[1,2]",

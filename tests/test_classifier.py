@@ -92,7 +92,7 @@ def test_classifier_needs_labels_and_classes(tmp_path):
         train(classifier_config([f"data.source=npz:{tmp_path / 'x.npz'}", "data.image_size=8"]),
               tmp_path / "r", progress=False)
     with pytest.raises(ConfigError, match="num_classes >= 2"):
-        build_model(classifier_config(["model.num_classes=1"]))
+        build_model(classifier_config(["model.num_classes=1", "data.image_size=28", "data.channels=1"]))
 
 
 def test_load_classifier_rejects_a_diffusion_run(tmp_path, make_cfg):
@@ -120,7 +120,8 @@ def test_distillation_loss_is_soft_kl_plus_hard_ce(tmp_path, make_cfg):
     from effusion.recipes.classifier import ClassifierDistillTask
     from effusion.train.loop import TaskContext
 
-    cfg = classifier_config(["model.arch=mlp", "data.limit=64", "train.device=cpu"])
+    cfg = classifier_config(["model.arch=mlp", "data.limit=64", "train.device=cpu",
+                             "data.image_size=28", "data.channels=1"])
     data = split(load_source(cfg.data), 0.25)
     student = build_model(cfg, num_classes=10).eval()
     teacher = build_model(cfg, num_classes=10).eval()

@@ -19,7 +19,7 @@ from effusion.recipes import train, vae_config
 from effusion.runs import build_run_model, load_vae
 from effusion.runs.files import VAE_INFO, CheckpointError
 
-VAE_TINY = ["data.image_size=16", "data.limit=128", "model.channels=8", "model.norm_groups=4",
+VAE_TINY = ["data.image_size=16", "data.channels=1", "data.limit=128", "model.channels=8", "model.norm_groups=4",
             "train.max_minutes=0", "train.threads=1", "train.precision=fp32", "train.device=cpu",
             "train.log_every=1", "train.sample_every=0", "train.warmup_steps=2",
             "train.batch_size=16"]
@@ -88,7 +88,7 @@ def test_feature_loss_goes_through_the_domain_classifier(tmp_path, monkeypatch):
     from effusion.runs import LoadedClassifier
 
     calls = []
-    ccfg = classifier_config(["data.image_size=16", "model.num_classes=10"])
+    ccfg = classifier_config(["data.image_size=16", "data.channels=1", "model.num_classes=10"])
     clf_model = build_model(ccfg).eval()
     real_features = clf_model.features
     clf_model.features = lambda x: calls.append(x.shape) or real_features(x)

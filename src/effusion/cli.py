@@ -341,7 +341,7 @@ def evaluate(
     ema_sweep: Optional[str] = typer.Option(None, "--ema-sweep", help="Runs with post-hoc EMA snapshots: score the EMA rebuilt at each sigma_rel of a comma list, e.g. 0.03,0.05,0.1,0.2."),
     ema_decays: Optional[str] = typer.Option(None, "--ema-decays", help="With --ema-sweep: also fixed decays (bias-corrected), e.g. 0.999,0.9999."),
     seed: int = typer.Option(123, "--seed"),
-    features: Optional[Path] = typer.Option(None, "--features", help="Classifier run for features (default: cached, trained once)."),
+    features: Optional[str] = typer.Option(None, "--features", help="Feature space: classifier, random, random-std or pixels, or a classifier run dir (default: classifier for grayscale data, random-std for colour; the data's classifier is trained once and cached)."),
     bpd_n: int = typer.Option(256, "--bpd-n", help="Held-out images for bits/dim (0 = skip)."),
     bpd_strata: int = typer.Option(50, "--bpd-strata", help="Timesteps per image for bits/dim (T-1 = exact)."),
     ema: bool = typer.Option(True, "--ema/--no-ema"),
@@ -356,11 +356,11 @@ def evaluate(
     if (run is None) == (images is None):
         raise ConfigError("give exactly one of --run DIR or --images FILE.npy")
     if run is not None:
-        clf = features or _feature_classifier(read_config(run).data, as_json)
+        clf = _features(features, read_config(run).data, as_json)
     else:
         arr = load_image_array(images)
-        clf = features or _feature_classifier(
-            DataConfig(source=data, image_size=arr.shape[-1], channels=arr.shape[1]), as_json)
+        clf = _features(features, DataConfig(source=data, image_size=arr.shape[-1],
+                                             channels=arr.shape[1]), as_json)
     if guidance_sweep is not None:
         return _guidance_sweep(run, guidance_sweep, n, sampler, steps, seed, clf, ema,
                                device, as_json, _interval(guidance_interval))
@@ -395,6 +395,14 @@ def evaluate(
                    f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f} | - |")
     if "per_class" in r:
         _per_class_table(r["per_class"])
+    mem = r.get("memorisation", {})
+    if "features" in mem:
+        typer.echo(f"memorisation (against {mem['train_images']} training images, "
+                   f"{mem['held_out_images']} held out): " + "; ".join(
+                       f"{space}: near copies {m['copies']:.1%}, closer than 95% of held-out "
+                       f"{m['closer_than_p5']:.1%} (0.05 = as novel as unseen images), "
+                       f"distance ratio {m['distance_ratio']:.2f}"
+                       for space, m in ((k, mem[k]) for k in ("features", "pixels"))))
     typer.echo(f"features: {r['features']}")
     if run is not None:
         typer.echo(f"wrote {run / 'metrics.json'}")
@@ -466,6 +474,20 @@ def ema(
         return
     typer.echo(f"{r['target']} at step {r['step']} from {r['snapshots']} snapshots "
                f"(profile fit residual {r['residual']:.3g}); wrote {r['out']}")
+
+
+def _features(features: Optional[str], data, as_json: bool):
+    """--features as evaluate takes it: None -> the data's cached classifier, trained once
+    here (evaluate uses the data's default space with it), a feature space's name (after
+    that same step: its class scores use the classifier), else a classifier run dir."""
+    from effusion.evaluate.features import FEATURE_SPACES
+
+    if features is None:
+        return _feature_classifier(data, as_json)
+    if features in FEATURE_SPACES:
+        _feature_classifier(data, as_json)
+        return features
+    return Path(features)
 
 
 def _feature_classifier(data, as_json: bool):
@@ -715,7 +737,7 @@ def optimize_report(
     n: int = typer.Option(1000, "--n", help="Samples per run for speed and quality."),
     out: Path = typer.Option(Path("optimize_report.json"), "--out", help="JSON to write (the PNG goes beside it)."),
     cold_start: bool = typer.Option(True, "--cold-start/--no-cold-start", help="Also time a fresh process to its first image."),
-    features: Optional[Path] = typer.Option(None, "--features", help="Classifier run for features (default: cached, trained once)."),
+    features: Optional[str] = typer.Option(None, "--features", help="Feature space or classifier run dir, as for evaluate."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """One table over variants: params, MACs, calls per sample, latency at batch 1/8/64,
@@ -725,7 +747,7 @@ def optimize_report(
 
     if n < 1:
         raise ConfigError(f"--n must be >= 1, got {n}")
-    features = features or _feature_classifier(load_run(runs[0]).config.data, as_json)
+    features = _features(features, load_run(runs[0]).config.data, as_json)
     r = report_runs(runs, n, out=out, cold_start=cold_start, features=features)
     if as_json:
         emit_json(r)

@@ -24,9 +24,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "mnist5k"  # mnist5k | digits | shapes[:N[:SEED]] | folder:PATH | npz:PATH
-    image_size: int = 28
-    channels: Literal[1, 3] = 1  # 1 = grayscale, 3 = RGB
+    # mnist5k | digits | shapes[:N[:SEED]] | icons[:THEME,...] | folder:PATH | npz:PATH
+    source: str = "mnist5k"
+    # 0 = from the data (effusion.data.resolve_data): the built-in sources' own size and
+    # channels (mnist5k 28 px gray, icons 32 px RGB); folders and arrays: the median shorter
+    # side, at most 32 px, and RGB if any image is in colour. Runs record the resolved values.
+    image_size: int = 0
+    channels: Literal[0, 1, 3] = 0  # 1 = grayscale, 3 = RGB, 0 = from the data
     limit: int = 0  # use at most this many images (0 = all)
     hflip: bool = False  # random horizontal flip (wrong for digits, fine for photos)
     rotate: float = 0.0  # max random rotation in degrees
@@ -111,9 +115,11 @@ class TrainConfig:
     budget_steps: int = 0
     # A time-budgeted diffusion run from scratch first times a few training steps of its
     # U-Net: if fewer than this many steps would fit in max_minutes, it trains at half the
-    # width (model.channels, recorded in config.yaml): on a CPU without bf16 the narrower
-    # network, at ~2.3x the steps, scores far better in the same time. 0 = never.
-    budget_min_steps: int = 600
+    # width (model.channels, recorded in config.yaml). Measured at 11 minutes on 2 cores:
+    # width 16 beat width 32 on digits with bf16 (1,765 vs 995 steps: FID 16.3 vs 22.9),
+    # on digits without bf16 (1,152 vs 337: 19.9 vs 98) and on colour icons (1,767 vs 724:
+    # 32.6 vs 60.7), so under ~1,200 steps more steps beat width. 0 = never.
+    budget_min_steps: int = 1200
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     cond_drop: float = 0.1  # class-conditional models: share of labels replaced by the null class
     ema_decay: float = 0.999
@@ -393,7 +399,8 @@ def _validate_shapes(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field and range checks that types alone cannot express."""
     checks = [
-        (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
+        (cfg.data.image_size == 0 or cfg.data.image_size >= 8,
+         "data.image_size must be >= 8, or 0 for the data's own size"),
         (cfg.data.limit >= 0, "data.limit must be >= 0"),
         (cfg.model.channels > 0 and cfg.model.channels % cfg.model.norm_groups == 0,
          "model.channels must be a positive multiple of model.norm_groups"),
@@ -467,9 +474,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
     _validate_shapes(cfg)
     src = cfg.data.source
-    if not (src in ("mnist5k", "digits", "shapes") or src.startswith(("folder:", "npz:", "shapes:"))):
+    if not (src in ("mnist5k", "digits", "shapes", "icons")
+            or src.startswith(("folder:", "npz:", "shapes:", "icons:"))):
         raise ConfigError(f"data.source {src!r} is not valid; choose mnist5k, digits, "
-                          "shapes[:N[:SEED]], folder:PATH or npz:PATH")
+                          "shapes[:N[:SEED]], icons[:THEME,...], folder:PATH or npz:PATH")
     dev = cfg.train.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"train.device {dev!r} is not valid; choose auto, cpu, cuda or cuda:N")

@@ -16,15 +16,17 @@ import numpy as np
 import torch
 
 from effusion.config import ConfigError, DataConfig
-from effusion.data import DataError, load_source, split, to_model_range
-from effusion.evaluate.features import FeatureScorer
+from effusion.data import DataError, load_source, resolve_data, split, to_model_range
+from effusion.evaluate.features import FEATURE_SPACES, FeatureScorer, feature_run_dir
 from effusion.evaluate.likelihood import bits_per_dim
-from effusion.evaluate.metrics import class_accuracy, coverage, fid, kid, precision_recall
+from effusion.evaluate.metrics import (class_accuracy, coverage, fid, kid, memorisation,
+                                       precision_recall)
 from effusion.plots import figure
 from effusion.runs import LoadedClassifier, LoadedRun, load_classifier, load_run, write_json
 from effusion.sampling import class_labels, generate
 
-# A feature classifier: a run directory, one already loaded, or None for the cached default.
+# A feature classifier (a run directory or one already loaded), a feature space's name
+# (FEATURE_SPACES), or None for the data's default space (`default_space`).
 Features = str | Path | LoadedClassifier | None
 
 
@@ -119,6 +121,12 @@ def real_floor(scorer: FeatureScorer, n: int) -> dict[str, float]:
 
 
 def _scorer(data: DataConfig, features: Features) -> FeatureScorer:
+    """The scorer `features` asks for: None = the data's default space (`default_space`),
+    a FEATURE_SPACES name, or a classifier (a run directory or one loaded), whose own
+    features are then used (the data's cached default classifier: the default space)."""
+    data = resolve_data(data)
+    if isinstance(features, str) and features in FEATURE_SPACES:
+        return FeatureScorer.for_data(data, space=features)
     clf = load_classifier(features) if isinstance(features, (str, Path)) else features
     if clf is not None:
         want = (data.channels, data.image_size)
@@ -126,7 +134,11 @@ def _scorer(data: DataConfig, features: Features) -> FeatureScorer:
         if want != have:
             raise ConfigError(f"feature classifier {clf.run_dir} takes {have[0]}-channel "
                               f"{have[1]}px images; these are {want[0]}-channel {want[1]}px")
-    return FeatureScorer.for_data(data, clf)
+        # the data's own cached classifier is the default: its default space; any other
+        # classifier was asked for by name, so its features are used
+        is_default = Path(clf.run_dir).resolve() == feature_run_dir(data).resolve()
+        return FeatureScorer.for_data(data, clf, space=None if is_default else "classifier")
+    return FeatureScorer.for_data(data)
 
 
 def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = None,
@@ -154,7 +166,7 @@ def evaluate_run(run_dir: str | Path, n: int = 1000, *, sampler: str | None = No
         "run": str(run_dir), "step": run.step, "n": n, "seed": seed, "ema": ema,
         "sampler": sampler or cfg.sample.sampler, "steps": steps,
         "cache_interval": cfg.sample.cache_interval if cache_interval is None else cache_interval,
-        "features": str(scorer.classifier.run_dir),
+        "features": scorer.name,
         **_sample_and_score(run, scorer, n, sampler, steps, guidance, seed, cache_interval,
                             guidance_interval, per_class)}
     if bpd_n and run.vae is not None:
@@ -185,11 +197,32 @@ def _sample_and_score(run: LoadedRun, scorer: FeatureScorer, n: int, sampler: st
     out = {"guidance": w, "guidance_interval": list(gi) if w is not None else None,
            "sample_seconds": round(time.perf_counter() - t0, 2),
            **score(scorer, images, requested, reference=reference_for(scorer, n))}
+    out["memorisation"] = memorisation_scores(scorer, run.config.data, images)
     if per_class:
         rest = floor_split(scorer, n)[1]
         out["per_class"] = per_class_scores(scorer, images, requested, scorer.real_features[rest],
                                             scorer.real_labels[rest], training_counts(run.config))
     return out
+
+
+def memorisation_scores(scorer: FeatureScorer, data: DataConfig, images: torch.Tensor
+                        ) -> dict[str, Any]:
+    """`metrics.memorisation` of samples against the run's own training split, with its
+    held-out split as the unseen real images, in the metrics' features and in pixels."""
+    clean = replace(data, hflip=False, rotate=0.0, translate=0)
+    train_set, held_out = split(load_source(clean), clean.val_fraction)
+    if held_out is None or len(held_out) < 2:
+        return {"note": "not computed: the run holds out no images (data.val_fraction=0)"}
+
+    def pixels(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).double() / 255.0
+
+    def feats(x: torch.Tensor) -> torch.Tensor:
+        return scorer.classifier.predict(x)[0]
+
+    return {"train_images": len(train_set), "held_out_images": len(held_out),
+            "features": memorisation(feats(train_set.images), feats(held_out.images), feats(images)),
+            "pixels": memorisation(pixels(train_set.images), pixels(held_out.images), pixels(images))}
 
 
 def training_counts(cfg) -> torch.Tensor | None:
@@ -226,7 +259,7 @@ def guidance_sweep(run_dir: str | Path, weights: list[float], n: int = 1000, *,
                   f"coverage {r['coverage']:.4f}", flush=True)
     result = {"run": str(run_dir), "step": run.step, "n": n, "seed": seed,
               "sampler": sampler or run.config.sample.sampler, "steps": steps,
-              "features": str(scorer.classifier.run_dir), "sweep": rows,
+              "features": scorer.name, "sweep": rows,
               "real_floor": real_floor(scorer, n)}
     write_json(run_dir / "guidance_sweep.json", result)
     _plot_sweep(result, run_dir / "guidance_sweep.png")
@@ -305,7 +338,7 @@ def evaluate_images(images: torch.Tensor | str | Path, data: str | DataConfig = 
     data = replace(data, image_size=images.shape[-1], channels=images.shape[1])
     scorer = _scorer(data, features)
     result = {"n": len(images), "data": data.source,
-              "features": str(scorer.classifier.run_dir),
+              "features": scorer.name,
               **score(scorer, images, labels, reference=reference_for(scorer, len(images))),
               "real_floor": real_floor(scorer, len(images))}
     if out is not None:
@@ -348,7 +381,7 @@ def ema_sweep(run_dir: str | Path, sigma_rels: list[float], decays: list[float] 
     run.model.load_state_dict(tracked)
     best = min(range(len(rows)), key=lambda i: rows[i]["fid"])
     result = {"run": str(run_dir), "step": run.step, "n": n, "seed": seed,
-              "features": str(scorer.classifier.run_dir), "sweep": rows, "best": rows[best]["ema"],
+              "features": scorer.name, "sweep": rows, "best": rows[best]["ema"],
               "real_floor": real_floor(scorer, n)}
     write_json(run_dir / "ema_sweep.json", result)
     return result

@@ -104,3 +104,39 @@ def coverage(predicted: torch.Tensor, num_classes: int) -> float:
     p = p / p.sum()
     h = -(p[p > 0] * p[p > 0].log()).sum()
     return float(h / math.log(num_classes))
+
+
+def nearest_distances(points: torch.Tensor, to: torch.Tensor, chunk: int = 1024,
+                      exclude_self: bool = False) -> torch.Tensor:
+    """Euclidean distance from each of `points` (N, D) to its nearest row of `to` (M, D);
+    `exclude_self` when `points` is `to` (the zero distance to itself is skipped)."""
+    points, to = points.double(), to.double()
+    out = []
+    for i in range(0, points.shape[0], chunk):
+        d = torch.cdist(points[i:i + chunk], to)
+        if exclude_self:
+            d[torch.arange(d.shape[0]), torch.arange(i, i + d.shape[0])] = math.inf
+        out.append(d.min(1).values)
+    return torch.cat(out)
+
+
+def memorisation(train: torch.Tensor, held_out: torch.Tensor, samples: torch.Tensor
+                 ) -> dict[str, float]:
+    """How close samples come to the training images, against how close unseen real images
+    (the held-out split) come to them, in one space (features or flattened pixels):
+
+    - `copies`: share of samples nearer to their nearest training image than the nearest
+      held-out image is to the training set (closer than any real unseen image comes: a
+      near copy). A generator that does not copy gives ~0.
+    - `closer_than_p5`: share of samples nearer than the 5th percentile of the held-out
+      images' distances; a generator whose samples are as novel as unseen images gives
+      ~0.05, one that copies more.
+    - `distance_ratio`: median sample distance / median held-out distance (< 1: samples sit
+      closer to the training set than new real images do; Meehan et al. 2020 test the same
+      thing)."""
+    d_held = nearest_distances(held_out, train)
+    d_samp = nearest_distances(samples, train)
+    p5 = torch.quantile(d_held, 0.05)
+    return {"copies": float((d_samp < d_held.min()).double().mean()),
+            "closer_than_p5": float((d_samp < p5).double().mean()),
+            "distance_ratio": float(d_samp.median() / d_held.median().clamp_min(1e-12))}

@@ -23,6 +23,10 @@ def build_model(cfg: Config, num_classes: int | None = None,
     if cfg.model.num_classes < 0 and num_classes is None:
         raise ConfigError("model.num_classes=-1 (auto) must be resolved against the data first "
                           "(effusion.train.loop.resolve_for_data)")
+    if not (cfg.data.channels and cfg.data.image_size):
+        raise ConfigError(f"data.image_size={cfg.data.image_size} / data.channels={cfg.data.channels}: "
+                          "0 means 'from the data'; resolve them first "
+                          "(effusion.data.resolve_data(cfg.data), as `effusion train` does)")
     if cfg.model.arch == "unet":
         if num_classes is not None:
             cfg = replace(cfg, model=replace(cfg.model, num_classes=num_classes))

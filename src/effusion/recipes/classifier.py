@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from effusion.config import ConfigError, DataConfig, config_from_dict, parse_overrides
-from effusion.data import to_model_range
+from effusion.data import resolve_data, to_model_range
 from effusion.evaluate.features import feature_arch, feature_run_dir
 from effusion.plots import figure
 from effusion.recipes.configs import classifier_config
@@ -127,6 +127,7 @@ def feature_classifier(data: DataConfig, progress: bool = False) -> LoadedClassi
     """The explicit step behind every feature-space metric: the cached feature classifier
     for `data` (see `effusion.evaluate.features`), trained once first if there is none.
     `effusion.evaluate` itself only loads it."""
+    data = resolve_data(data)
     run = feature_run_dir(data)
     if latest_checkpoint(run) is None:
         cfg = classifier_config([f"model.arch={feature_arch(data)}",

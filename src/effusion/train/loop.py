@@ -27,7 +27,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from effusion.config import Config, ConfigError
-from effusion.data import ImageSet, load_source, rescale, split, stage_size
+from effusion.data import ImageSet, load_source, rescale, resolve_data, split, stage_size
 from effusion.models import build_model, count_params, is_classifier
 from effusion.precision import (Precision, apply_tf32, precision_reason, resolve_device,
                                 resolve_precision)
@@ -231,7 +231,8 @@ def resolve_for_data(cfg: Config, data: ImageSet) -> Config:
 def load_training_data(cfg: Config) -> TrainData:
     """The configured source with num_classes resolved, split into a fixed held-out part
     (`data.val_fraction`) and the training part; with `data.buckets`, at mixed sizes
-    (`effusion.data.buckets`)."""
+    (`effusion.data.buckets`). Sizes of 0 are settled from the data first and recorded."""
+    cfg = replace(cfg, data=resolve_data(cfg.data))
     if cfg.data.buckets:
         from effusion.data.buckets import load_bucketed
 

@@ -866,6 +866,56 @@ def serve(
                insecure_no_token=insecure_no_token)
 
 
+import_app = typer.Typer(no_args_is_help=True, help="Turn another library's model folder into "
+                         "an effusion run directory.")
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("diffusers")
+@user_errors
+def import_diffusers_cmd(
+    src: Path = typer.Argument(..., help="A diffusers UNet2DModel folder (save_pretrained), or a pipeline folder with unet/ and scheduler/."),
+    out: Path = typer.Option(..., "--out", help="New run directory."),
+    data: Optional[str] = typer.Option(None, "--data", help="The data source the model was trained on (default: the built-in source of its size and channels)."),
+    null_class: Optional[bool] = typer.Option(None, "--null-class/--no-null-class", help="Whether the last class embedding is the null class of classifier-free guidance (default: what effusion.json says, else no: guidance off)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
+) -> None:
+    """Import a diffusers UNet2DModel (and its DDPM/DDIM scheduler config) as a run that
+    `sample`, `evaluate`, `optimize ...` and `serve` take like any other."""
+    from effusion.interop.diffusers import import_diffusers
+    from effusion.runs.files import read_config
+
+    run = import_diffusers(src, out, data=data, null_class=null_class, overwrite=overwrite)
+    cfg = read_config(run)
+    kind = f"{cfg.model.num_classes} classes" if cfg.model.num_classes else "unconditional"
+    typer.echo(f"imported {src} -> {run} (diffusers UNet2DModel, {kind}, "
+               f"{cfg.diffusion.schedule} schedule, {cfg.diffusion.prediction}-prediction, "
+               f"data {cfg.data.source}); next: effusion sample --run {run}")
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run: Path = typer.Option(..., "--run", help="Diffusion run directory."),
+    out: Path = typer.Option(..., "--out", help="New folder (diffusers) or run directory (onnx, openvino)."),
+    fmt: str = typer.Option(..., "--format", help="diffusers (UNet2DModel + DDIMScheduler folder) | onnx | openvino (as `effusion optimize export`)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """Export a run: as a diffusers folder, or as an ONNX / OpenVINO run (see `effusion
+    optimize export` for int8 and fp16)."""
+    if fmt != "diffusers":
+        return optimize_export(run=run, out=out, fmt=fmt, int8=False, calib_batches=16,
+                               fp16=False, as_json=as_json)
+    from effusion.interop.diffusers import export_diffusers
+
+    r = export_diffusers(run, out)
+    if as_json:
+        emit_json(r)
+        return
+    typer.echo(f"exported {run} (step {r['step']}) -> {out}: {', '.join(r['files'])}\n"
+               f"load it with {r['hint']}")
+
+
 def main() -> None:
     app(prog_name="effusion")
 

@@ -53,8 +53,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # unet = diffusion; mlp / cnn / convnet = classifier; vae = latent diffusion's autoencoder
-    arch: Literal["unet", "mlp", "cnn", "convnet", "vae"] = "unet"
+    # unet = diffusion; diffusers_unet2d = diffusion with a diffusers UNet2DModel (extra
+    # `effusion[diffusers]`); mlp / cnn / convnet = classifier; vae = latent diffusion's autoencoder
+    arch: Literal["unet", "diffusers_unet2d", "mlp", "cnn", "convnet", "vae"] = "unet"
     space: Literal["pixel", "latent"] = "pixel"  # unet: denoise pixels, or the latents of model.vae
     vae: str = ""  # latent space: the VAE's run directory (effusion vae train)
     channels: int = 32  # base width of the U-Net
@@ -70,6 +71,9 @@ class ModelConfig:
     # A guidance-distilled student (Meng et al. 2023): the guidance weight w is an input,
     # embedded like the timestep, so one call gives what guidance needs two halves for.
     guidance_input: bool = False
+    # model.arch=diffusers_unet2d: the UNet2DModel config as JSON (what `effusion import
+    # diffusers` records); "" = built from the fields above (widths, levels, attention).
+    diffusers_config: str = ""
 
 
 @dataclass
@@ -468,6 +472,8 @@ def validate(cfg: Config) -> None:
          "(effusion vae train; then effusion train --vae RUN_DIR)"),
         (cfg.model.space == "pixel" or cfg.model.arch == "unet",
          "model.space=latent applies to the diffusion U-Net (model.arch=unet) only"),
+        (cfg.model.arch == "diffusers_unet2d" or not cfg.model.diffusers_config,
+         "model.diffusers_config is the UNet2DModel config of model.arch=diffusers_unet2d"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -32,6 +32,13 @@ def build_model(cfg: Config, num_classes: int | None = None,
             cfg = replace(cfg, model=replace(cfg.model, num_classes=num_classes))
         channels, size = denoiser_input(cfg, latent_shape)
         return UNet(cfg.model, in_channels=channels, image_size=size)
+    if cfg.model.arch == "diffusers_unet2d":
+        from effusion.models.diffusers_unet import DiffusersUNet, unet_config_of
+
+        k = cfg.model.num_classes if num_classes is None else num_classes
+        channels, size = denoiser_input(cfg, latent_shape)
+        return DiffusersUNet(unet_config_of(cfg.model, channels, size), k,
+                             cfg.model.guidance_input)
     if cfg.model.arch == "vae":
         return VAE(cfg.vae, cfg.data.channels, cfg.data.image_size, cfg.model.channels,
                    cfg.model.norm_groups)

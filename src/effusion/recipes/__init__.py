@@ -20,7 +20,8 @@ from effusion.recipes.generative import DiffusionRecipe, DiffusionTask, VAERecip
 from effusion.train.loop import Recipe, TrainResult
 from effusion.train.loop import train as run_loop
 
-RECIPES: dict[str, type] = {"unet": DiffusionRecipe, "vae": VAERecipe, "mlp": ClassifierRecipe,
+RECIPES: dict[str, type] = {"unet": DiffusionRecipe, "diffusers_unet2d": DiffusionRecipe,
+                            "vae": VAERecipe, "mlp": ClassifierRecipe,
                             "cnn": ClassifierRecipe, "convnet": ClassifierRecipe}
 
 

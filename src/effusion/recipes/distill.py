@@ -259,7 +259,7 @@ def from_teacher(teacher: nn.Module, widths: dict[str, torch.Tensor] | None = No
 
 
 def _latent_shape(unet: nn.Module) -> tuple[int, int, int] | None:
-    if unet.cfg.space != "latent":
+    if getattr(getattr(unet, "cfg", None), "space", "pixel") != "latent":  # diffusers': pixels
         return None
     return unet.in_channels, unet.image_size, unet.image_size
 

@@ -41,7 +41,7 @@ KIND_NAMES = {"diffusion": "diffusion", "vae": "VAE", "classifier": "classifier"
 
 
 def kind_of(cfg: Config) -> Kind:
-    if cfg.model.arch == "unet":
+    if cfg.model.arch in ("unet", "diffusers_unet2d"):
         return "diffusion"
     return "vae" if cfg.model.arch == "vae" else "classifier"
 

@@ -1,0 +1,1 @@
+"""Other libraries' model folders in and out of effusion run directories."""

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: demo test test-all bench install clean browser icons
+.PHONY: demo test test-all bench install clean browser icons docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -47,6 +47,10 @@ test: $(STAMP) browser icons
 
 test-all: $(STAMP) browser icons
 	$(BIN)/python -m pytest -q -m ""
+
+# The documentation site (docs/, MkDocs) at http://127.0.0.1:8000; `make test` builds it --strict.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 bench: $(STAMP)
 	$(BIN)/effusion bench train --out bench

@@ -7,7 +7,7 @@ digits:
   - confidence: mean max-softmax probability (recognisable digits score near 1)
   - coverage: entropy of the predicted-class histogram / log(10) (1 = all classes evenly)
 The "real" row scores 1,000 real images the same way: the floor a perfect model reaches.
-This script reproduces the README's recipe tables, measured before `effusion evaluate`
+This script reproduces the recipe tables of docs/recipe.md, measured before `effusion evaluate`
 existed; new measurements should use `effusion evaluate` (a different feature network,
 so its figures are not comparable with these).
 

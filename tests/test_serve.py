@@ -447,7 +447,7 @@ def _chromium() -> str | None:
 
 def test_page_in_headless_chromium_generates_sevens(digits, feature_classifier, tmp_path):
     """Open the page, pick class 7, Generate, wait for the grid, check its pixel size and
-    that the feature classifier calls most digits a 7; save a screenshot (README's, when
+    that the feature classifier calls most digits a 7; save a screenshot (the docs', when
     EFFUSION_SCREENSHOT names where)."""
     import os
 

@@ -16,6 +16,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train diffusion models fast on the hardware you have.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from effusion import __version__
+
+        typer.echo(f"effusion {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Train diffusion models fast on the hardware you have."""
+
+
 _JSON_STDOUT = sys.stdout
 
 

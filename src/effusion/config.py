@@ -161,7 +161,7 @@ class TrainConfig:
     # EMA of any width from them. () = off
     posthoc_ema: tuple[float, ...] = ()
     posthoc_every: int = 50
-    # Remedies (README, Quality): within-class spread of the feature-space x0 error,
+    # Remedies (docs/recipe.md, Remedies): within-class spread of the feature-space x0 error,
     # x0 losses at 1/2, 1/4 ... resolution (weights[0] scales the plain loss), and a
     # feature-space x0 loss at low noise (SNR >= 1), all through the data's feature classifier
     diversity_weight: float = 0.0

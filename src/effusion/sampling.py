@@ -133,7 +133,7 @@ def generate_seeded(run: LoadedRun, seeds: list[int], *, sampler: str | None = N
     """One uint8 sample per seed, in one sampler call: sample i's starting noise and any
     sampler noise come from its own generator seeded with `seeds[i]`, so an image depends
     on its seed (and class and settings), not on which others share the batch (up to the
-    kernels' batch-size-dependent rounding; see the server's README section).
+    kernels' batch-size-dependent rounding; see docs/serving.md).
 
     `should_stop`, checked after every step, aborts the call with `Stopped`.
     """

@@ -282,7 +282,7 @@ class DiffusionRecipe:
         half the width instead. On a 2-core AVX2 CPU (fp32) the default's 32 channels fit
         337 steps in 11 minutes (FID 98, class accuracy 0.82); 16 channels fit 789 (FID
         18.6, 0.970); with bf16, 995 steps of width 32 scored FID 22.9 against 16.3 for
-        1,765 of width 16: README, Hardware. Returns the config to train and a log line."""
+        1,765 of width 16: docs/recipe.md, Hardware. Returns the config to train and a log line."""
         tc, mc = cfg.train, cfg.model
         if not (tc.max_minutes and tc.budget_min_steps and not tc.budget_steps
                 and mc.arch == "unet"):

@@ -1,5 +1,5 @@
 """The training objective as one function, shared by the loop and the benchmarks, and
-the extra terms on the predicted x0 that the remedies table measures (README, Quality):
+the extra terms on the predicted x0 that the remedies table measures (docs/recipe.md, Remedies):
 
 - multi-scale: the x0 error again at 1/2, 1/4 ... resolution (average-pooled), so the
   coarse structure is weighted more than the per-pixel loss weights it;

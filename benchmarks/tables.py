@@ -1,0 +1,194 @@
+"""The measured tables of the docs, rendered from their JSON in benchmarks/results/.
+
+A page holds a generated table between two markers:
+
+    <!-- table: colour_recipe -->
+    ...generated: the table, then one line naming the JSON, command, machine, commit, date...
+    <!-- /table -->
+
+    python benchmarks/tables.py            # rewrite every marked table in docs/ and README.md
+    python benchmarks/tables.py --check    # exit 1 naming each table that differs from its JSON
+
+`tests/test_docs.py` runs the check, so a page cannot drift from its measurement. Each
+renderer below reads one JSON file; the JSON carries the command, the git commit, the
+machine (CPU flags, torch) and the date, and the line under each table says them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+MARKER = re.compile(r"(<!-- table: (?P<name>[\w:.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def _bench(name: str):
+    """A benchmark script as a module (for its `markdown`), without running it."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def machine_line(m: dict) -> str:
+    """CPU, cores and the flags the figures depend on, e.g. 'AMD EPYC, 2 cores, AVX-512 BF16'."""
+    if m.get("gpus"):
+        return f"{m['gpus'][0] if isinstance(m['gpus'][0], str) else m['gpus'][0].get('name')}"
+    isa = "AVX-512 BF16" if m.get("avx512_bf16") else ("AVX-512" if m.get("avx512f") else "AVX2")
+    if m.get("amx_bf16"):
+        isa += " + AMX"
+    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {isa}, torch {m.get('torch', '?')}"
+
+
+def provenance(path: Path, obj: dict, command: str | None = None) -> str:
+    parts = [f"`{path.relative_to(ROOT)}`"]
+    cmd = command or obj.get("command")
+    if cmd:
+        parts.append(f"`{cmd}`")
+    if obj.get("machine"):
+        parts.append(machine_line(obj["machine"]))
+    for k in ("commit", "date"):
+        if obj.get(k):
+            parts.append(f"{k} {obj[k]}")
+    return "*From " + "; ".join(parts) + ".*"
+
+
+def colour_recipe() -> str:
+    path = RESULTS / "colour_recipe.json"
+    d = json.loads(path.read_text())
+    rows = d["rows"]
+    floor = next(iter(rows.values()))["real_floor"]
+    out = ["| variant (11 min each, same CPU) | flags | width | steps | images/s | FID ↓ | KID ↓ | "
+           "precision | recall | class acc. | near copies (features / pixels) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|",
+           f"| real floor | | | | | {floor['fid']:.1f} | {floor['kid']:.3f} | {floor['precision']:.3f} | "
+           f"{floor['recall']:.3f} | {floor['class_accuracy']:.3f} | |"]
+    for name, r in rows.items():
+        mem = r["memorisation"]
+        flags = " ".join(f"`{f}`" for f in r["flags"]) or "none"
+        out.append(f"| {'**' + name + '**' if name == 'default' else name} | {flags} | "
+                   f"{r['model_channels']} | {r['steps']:,} | {r['images_per_s']:.0f} | "
+                   f"{r['fid']:.1f} | {r['kid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+                   f"{r['class_accuracy']:.3f} | {mem['features']['copies']:.1%} / "
+                   f"{mem['pixels']['copies']:.1%} |")
+    cmd = f"python benchmarks/colour_recipe.py --data {d['data']} --minutes {d['minutes']:g} --variants ..."
+    return "\n".join(out) + "\n\n" + provenance(path, d, cmd)
+
+
+def feature_ranking(source: str) -> Callable[[], str]:
+    def render() -> str:
+        path = RESULTS / "feature_ranking.json"
+        entry = json.loads(path.read_text())[source]
+        return _bench("feature_ranking").markdown(entry) + "\n\n" + provenance(path, entry)
+    return render
+
+
+def diffusers_interop(name: str = "diffusers_interop") -> Callable[[], str]:
+    def render() -> str:
+        path = RESULTS / f"{name}.json"
+        d = json.loads(path.read_text())
+        return _bench("diffusers_interop").markdown(d) + "\n\n" + provenance(path, d)
+    return render
+
+
+def recipe_default() -> str:
+    path = RESULTS / "recipe_default.json"
+    d = json.loads(path.read_text())
+    e, w, f = d["evaluate"], d["width32_same_machine"]["evaluate"], d["evaluate"]["real_floor"]
+    steps_w = w["step"]
+    mins = d["train"]["elapsed_s"] / 60
+
+    def kid(r):
+        return f"{r['kid']:.0f} ± {r['kid_std']:.0f}"
+
+    rows = [("FID ↓", f"**{e['fid']:.1f}**", f"{w['fid']:.1f}", f"{f['fid']:.1f}"),
+            ("KID ↓", kid(e), kid(w), kid(f)),
+            ("precision ↑", f"{e['precision']:.3f}", f"{w['precision']:.3f}", f"{f['precision']:.3f}"),
+            ("recall ↑", f"{e['recall']:.3f}", f"{w['recall']:.3f}", f"{f['recall']:.3f}"),
+            ("class accuracy ↑", f"**{e['class_accuracy']:.3f}**", f"{w['class_accuracy']:.3f}",
+             f"{f['class_accuracy']:.3f}"),
+            ("bits/dim ↓ (256 held-out images)", f"{e['bpd']:.2f} ± {e['bpd_stderr']:.2f}",
+             f"{w['bpd']:.2f} ± {w['bpd_stderr']:.2f}", ""),
+            ("1,000 samples", f"{e['sample_seconds']:.0f} s", f"{w['sample_seconds']:.0f} s", "")]
+    head = (f"| metric | default: width {d['narrowed']['trained']['channels']}, {e['step']:,} steps, "
+            f"{mins:.1f} min | width 32 kept: {steps_w:,} steps | real floor |")
+    out = [head, "|---|---|---|---|"] + [f"| {a} | {b} | {c} | {x} |" for a, b, c, x in rows]
+    return "\n".join(out) + "\n\n" + provenance(path, d)
+
+
+def benchmark_index() -> str:
+    """Every benchmark script: what it measures (its docstring's first line) and its JSON."""
+    import ast
+
+    out = ["| script | what it measures | results |", "|---|---|---|"]
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        if script.name == "tables.py":
+            continue
+        doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+        first = doc.split("\n\n")[0].replace("\n", " ").strip()
+        stem = script.stem
+        found = sorted(p.name for p in RESULTS.glob(f"{stem}*.json"))
+        out.append(f"| `benchmarks/{script.name}` | {first.replace('|', '/')} | "
+                   f"{', '.join(f'`{f}`' for f in found) or '(prints its table)'} |")
+    return "\n".join(out)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "benchmarks": benchmark_index,
+    "colour_recipe": colour_recipe,
+    "feature_ranking:icons": feature_ranking("icons"),
+    "feature_ranking:mnist5k": feature_ranking("mnist5k"),
+    "diffusers_interop": diffusers_interop(),
+    "diffusers_interop:effusion_recipe": diffusers_interop("diffusers_interop_effusion_recipe"),
+    "recipe_default": recipe_default,
+}
+
+
+def render_page(text: str, page: Path) -> tuple[str, list[str]]:
+    """The page with every marked table rendered again; the names of those that changed."""
+    changed: list[str] = []
+
+    def one(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            raise SystemExit(f"{page}: unknown table {name!r} (known: {', '.join(TABLES)})")
+        body = TABLES[name]().rstrip() + "\n"
+        if body != m.group("body"):
+            changed.append(name)
+        return m.group(1) + body + m.group(4)
+
+    return MARKER.sub(one, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="report drift, write nothing")
+    args = ap.parse_args(argv)
+    drift = []
+    for page in PAGES:
+        if not page.is_file():
+            continue
+        text = page.read_text()
+        new, changed = render_page(text, page)
+        drift += [f"{page.relative_to(ROOT)}: {name}" for name in changed]
+        if changed and not args.check:
+            page.write_text(new)
+    if args.check and drift:
+        print("tables that differ from their JSON (run python benchmarks/tables.py):\n  "
+              + "\n  ".join(drift))
+        return 1
+    print(("rewrote " if drift and not args.check else "up to date: ")
+          + (", ".join(drift) if drift else f"{len(TABLES)} tables"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

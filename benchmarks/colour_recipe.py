@@ -37,6 +37,8 @@ VARIANTS: dict[str, list[str]] = {
     "ema0.9995": ["train.ema_decay=0.9995"],
     "eps": ["diffusion.prediction=eps"],
     "width24": ["model.channels=24", "train.budget_min_steps=0"],
+    "w16batch64": ["model.channels=16", "train.batch_size=64"],  # twice the steps again
+    "ema0.995": ["train.ema_decay=0.995"],  # a shorter average for a short run
 }
 
 
@@ -64,6 +66,8 @@ def main() -> None:
     feature_classifier(DataConfig(source=args.data))  # once, cached, outside any timing
 
     out = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": {}}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     for name in args.variants.split(","):
         flags = VARIANTS[name]
         run = args.work / f"{args.data.replace(':', '-')}-{name}"
@@ -81,12 +85,13 @@ def main() -> None:
                **{k: r.get(k) for k in ("fid", "kid", "precision", "recall", "class_accuracy",
                                          "coverage", "memorisation", "real_floor")},
                "command": f"python benchmarks/colour_recipe.py --data {args.data} "
-                          f"--minutes {args.minutes:g} --variants {name}"}
+                          f"--minutes {args.minutes:g} --variants {name}",
+               # rows merge across sessions: each keeps where it was measured
+               "commit": commit, "date": time.strftime("%Y-%m-%d"),
+               "cpu_flags": "AVX-512 BF16" if machine()["avx512_bf16"] else "AVX2"}
         out["rows"][name] = row
         out.update({"data": args.data, "minutes": args.minutes, "n": args.n, "machine": machine(),
-                    "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                             capture_output=True, text=True).stdout.strip(),
-                    "date": time.strftime("%Y-%m-%d")})
+                    "commit": commit, "date": time.strftime("%Y-%m-%d")})
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
         print(f"{name:<12} steps {row['steps']:>5}  width {row['model_channels']:>3}  "

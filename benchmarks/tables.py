@@ -66,11 +66,11 @@ def colour_recipe() -> str:
     d = json.loads(path.read_text())
     rows = d["rows"]
     floor = next(iter(rows.values()))["real_floor"]
-    out = ["| variant (11 min each, same CPU) | flags | width | steps | images/s | FID ↓ | KID ↓ | "
-           "precision | recall | class acc. | near copies (features / pixels) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|",
+    out = ["| variant (11 min each) | flags | width | steps | images/s | FID ↓ | KID ↓ | "
+           "precision | recall | class acc. | near copies (features / pixels) | measured at |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|",
            f"| real floor | | | | | {floor['fid']:.1f} | {floor['kid']:.3f} | {floor['precision']:.3f} | "
-           f"{floor['recall']:.3f} | {floor['class_accuracy']:.3f} | |"]
+           f"{floor['recall']:.3f} | {floor['class_accuracy']:.3f} | | |"]
     for name, r in rows.items():
         mem = r["memorisation"]
         flags = " ".join(f"`{f}`" for f in r["flags"]) or "none"
@@ -78,7 +78,7 @@ def colour_recipe() -> str:
                    f"{r['model_channels']} | {r['steps']:,} | {r['images_per_s']:.0f} | "
                    f"{r['fid']:.1f} | {r['kid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
                    f"{r['class_accuracy']:.3f} | {mem['features']['copies']:.1%} / "
-                   f"{mem['pixels']['copies']:.1%} |")
+                   f"{mem['pixels']['copies']:.1%} | {r['commit']}, {r['cpu_flags']} |")
     cmd = f"python benchmarks/colour_recipe.py --data {d['data']} --minutes {d['minutes']:g} --variants ..."
     return "\n".join(out) + "\n\n" + provenance(path, d, cmd)
 
@@ -97,6 +97,12 @@ def diffusers_interop(name: str = "diffusers_interop") -> Callable[[], str]:
         d = json.loads(path.read_text())
         return _bench("diffusers_interop").markdown(d) + "\n\n" + provenance(path, d)
     return render
+
+
+def few_step() -> str:
+    path = RESULTS / "few_step.json"
+    d = json.loads(path.read_text())
+    return _bench("few_step").markdown(d) + "\n\n" + provenance(path, d)
 
 
 def recipe_default() -> str:
@@ -124,6 +130,75 @@ def recipe_default() -> str:
     return "\n".join(out) + "\n\n" + provenance(path, d)
 
 
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def _cpu(m: dict) -> str:
+    return "AVX-512 BF16" if m.get("avx512_bf16") else "AVX2" if m.get("avx2") else "?"
+
+
+def headline(prefix: str) -> Callable[[], str]:
+    """README's (and the site's front page's) table: one figure per part, each read from
+    its JSON, with the CPU it was measured on; `prefix` is the path from the page to docs/."""
+    def render() -> str:
+        rows = []
+        d = _load("recipe_default")
+        e = d["evaluate"]
+        rows.append((f"default recipe on digits: {d['train']['steps']:,} steps, "
+                      f"{d['train']['elapsed_s'] / 60:.1f} min wall",
+                     f"FID {e['fid']:.1f} (real floor {e['real_floor']['fid']:.1f}), class "
+                     f"accuracy {e['class_accuracy']:.3f}", d["machine"], "recipe.md", "the recipe"))
+        d = _load("hardware_avx2")
+        r = next(r for r in d["rows"] if r["run"].endswith("-auto"))
+        rows.append((f"the same on a CPU without bf16 ({r['steps']:,} steps)",
+                     f"FID {r['fid']:.1f} (floor {r['floor_fid']:.1f}), class accuracy "
+                     f"{r['class_accuracy']:.3f}", d["machine"],
+                     "recipe.md#hardware-the-promise-on-cpus-without-bf16", "hardware"))
+        d = _load("optimize_chain")
+        rows.append(("deployment chain (guidance + 4-step distillation + ONNX Runtime)",
+                     f"{d['speedup']:.1f}x faster at FID {d['fid_ratio']:.2f}x, class accuracy "
+                     f"{d['chain']['class_accuracy']:.3f}", d["machine"], "deployment.md", "deployment"))
+        if (RESULTS / "few_step.json").is_file():
+            d = _load("few_step")
+            few = [r for r in d["rows"] if r["calls_per_image"] <= 2]
+            meets = [r for r in few if r["fid_ratio"] <= 1.1 and r["class_accuracy"] >= 0.95]
+            # the fastest that meets issue 27's targets, or else the closest to them
+            best = (min(meets, key=lambda r: r["seconds_per_1000"]) if meets
+                    else min(few, key=lambda r: r["fid_ratio"]))
+            rows.append((f"{best['calls_per_image']} network call{'s' * (best['calls_per_image'] > 1)}"
+                         " per image", f"1,000 samples in {best['seconds_per_1000']:.1f} s at FID "
+                         f"{best['fid_ratio']:.2f}x, class accuracy {best['class_accuracy']:.3f}"
+                         + ("" if meets else " (target: FID <= 1.10x, not met yet)"),
+                         d["machine"], "deployment.md#one-or-two-network-calls-per-image", "few calls"))
+        d = _load("diffusers_interop_effusion_recipe")
+        chain = next(r for r in d["rows"] if r["variant"].startswith("imported + guidance"))
+        theirs = [r for r in d["rows"] if r["variant"].startswith("diffusers DPM")]
+        fast = min(theirs, key=lambda r: r["seconds_per_1000"])
+        rows.append(("a diffusers `UNet2DModel` through the chain",
+                     f"{fast['seconds_per_1000'] / chain['seconds_per_1000']:.0f}x faster than its "
+                     f"fastest scheduler at FID {chain['fid'] / fast['fid']:.2f}x", d["machine"],
+                     "deployment.md#diffusers-users-your-unet2dmodel-10x-faster-on-a-cpu", "diffusers users"))
+        d = _load("colour_recipe")
+        r = d["rows"]["default"]
+        rows.append((f"real colour icons (`data.source={d['data']}`, 32 px), {d['minutes']:g} min",
+                     f"FID {r['fid']:.1f} in `random-std` features (floor "
+                     f"{r['real_floor']['fid']:.1f}): not yet recognisable", d["machine"],
+                     "evaluation.md#colour-images-a-real-colour-set-and-what-the-default-does-on-it", "colour images"))
+        d = _load("crash_resume")
+        same = max(d["max_abs_diff"].values()) == 0 and d["max_abs_loss_diff"] == 0
+        rows.append(("exact resume under SIGKILL",
+                     f"{d['resumes_succeeded']}/{d['kills']} kills resumed, "
+                     + ("bit-identical weights, EMA, optimizer, losses" if same else
+                        f"max weight difference {max(d['max_abs_diff'].values()):.1e}"),
+                     d["machine"], "reliability.md", "reliability"))
+        out = ["| what | figure | CPU (2 cores) | where |", "|---|---|---|---|"]
+        for what, fig, m, link, page in rows:
+            out.append(f"| {what} | {fig} | {_cpu(m)} | [{page}]({prefix}{link}) |")
+        return "\n".join(out)
+    return render
+
+
 def benchmark_index() -> str:
     """Every benchmark script: what it measures (its docstring's first line) and its JSON."""
     import ast
@@ -149,6 +224,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "diffusers_interop": diffusers_interop(),
     "diffusers_interop:effusion_recipe": diffusers_interop("diffusers_interop_effusion_recipe"),
     "recipe_default": recipe_default,
+    "few_step": few_step,
+    "headline": headline("docs/"),
+    "headline:site": headline(""),
 }
 
 

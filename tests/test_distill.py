@@ -242,6 +242,7 @@ def _consistency_task(run_dir, skip: int):
     task.prec = run.precision
     T = task.schedule.T
     task.points = torch.tensor([-1] + timesteps(task.schedule, T // skip, "trailing")[::-1])
+    task.pair_weights = torch.ones(len(task.points) - 1)
     return task, run
 
 
@@ -271,6 +272,7 @@ def test_consistency_loss_vanishes_for_a_consistent_student_and_anchors_at_the_d
     task.teacher = lambda z, t, cond, w: from_x0(pred, task.schedule, x0, z, t)
     assert float(task.loss(Off(), x0, torch.arange(64) % 10, g)) > 0.1
     task.points = task.points[1:]  # no anchor: the same student costs nothing
+    task.pair_weights = task.pair_weights[1:]
     assert float(task.loss(Off(), x0, torch.arange(64) % 10, g)) < 1e-4
 
 
@@ -351,3 +353,97 @@ def test_narrow_student_learns_the_teacher_and_still_guides(teacher, tmp_path):
     assert read_lineage(out)[-1]["pass"] == "distill-student"
     with pytest.raises(ConfigError, match="--channels"):
         distill_student(teacher, tmp_path / "y", channels=0, progress=False)
+
+
+# ------------------------------------------------------------------ one and two calls per image
+
+def _loss_task(run_dir, steps, w_range):
+    """A DistillTask ready to compute `loss` outside the loop (fp32, no VAE)."""
+    from effusion.precision import Precision
+    from effusion.recipes.distill import Teacher
+
+    task, run = _step_task(run_dir, steps or 1)
+    task.steps, task.w_range, task.data_weight = steps, w_range, 0.0
+    task.encode_batches, task.mem_format = False, torch.contiguous_format
+    task.prec = Precision(torch.device("cpu"), "fp32")
+    task.teacher = Teacher(load_run(run_dir, device="cpu", precision="fp32"))
+    return task, run
+
+
+def test_each_distillation_loss_vanishes_for_a_student_that_matches_its_target(teacher):
+    """guidance: a student answering the guided teacher; steps (down to 1): a student
+    answering the two-teacher-step target at its grid points. Off by 0.1: a clear loss."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(16, 1, 16, 16, generator=g).clamp(-1, 1)
+    labels = torch.arange(16) % 10
+    task, _ = _loss_task(teacher, None, (1.0, 3.0))
+
+    def guided(off):
+        return lambda x, t, c, w=None: task.teacher(x, t, c, w) + off
+
+    assert float(task.loss(guided(0.0), x0, labels, torch.Generator().manual_seed(1))) < 1e-10
+    assert float(task.loss(guided(0.1), x0, labels, torch.Generator().manual_seed(1))) > 1e-3
+    for steps in (1, 2, 4):
+        task, _ = _loss_task(teacher, steps, (1.0, 3.0))
+        grid = task.grid.tolist()
+
+        def stepper(off, task=task, grid=grid):
+            def f(x, t, c, w=None):
+                i = torch.tensor([grid.index(int(v)) for v in t])
+                return task._step_target(x.float(), t, i, c, w) + off
+            return f
+
+        assert float(task.loss(stepper(0.0), x0, labels, torch.Generator().manual_seed(2))) < 1e-10
+        assert float(task.loss(stepper(0.1), x0, labels, torch.Generator().manual_seed(2))) > 1e-3
+
+
+def test_one_step_student_takes_one_network_call_per_image_and_learns_two_teacher_steps(
+        teacher, tmp_path):
+    from effusion.diffusion import sample_ddim
+    from effusion.recipes import distill_steps
+
+    out = tmp_path / "one"
+    distill_steps(teacher, out, steps=1, from_steps=2, minutes=0, progress=False,
+                  overrides=["train.max_steps=80", "train.lr=1e-3", "train.ema_decay=0",
+                             "train.warmup_steps=5"])
+    cfg = read_config(out)
+    assert (cfg.sample.sampler, cfg.sample.steps) == ("ddim", 1)
+    student = load_run(out, device="cpu")
+    calls = []
+    student.model.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    images = generate(student, 24, seed=0)
+    assert images.shape == (24, 1, 16, 16) and sum(calls) == 24  # one call per image
+    # the 1-step output moves toward the guided teacher's 2-step DDIM output from the same x_T
+    t_run = load_run(teacher, device="cpu")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(32, 1, 16, 16, generator=g)
+    c, w = torch.arange(32) % 10, torch.full((32,), 2.0)
+    end = sample_ddim(t_run.denoiser(guidance=2.0, clip_x0=False), t_run.schedule, x, 2,
+                      cond=c, spacing="trailing")
+    err = _x0_errors(t_run.model, out, x, torch.full((32,), 49), c, w, end)
+    assert err[1] < 0.8 * err[0], err
+
+
+def test_ict_pair_weights_favour_low_noise_pairs_and_reach_the_lineage(teacher, tmp_path):
+    from effusion.diffusion import schedule_for
+    from effusion.recipes import distill_steps
+    from effusion.recipes.distill import pair_weights
+
+    sched = schedule_for(read_config(teacher))
+    points = torch.tensor([-1, 4, 9, 14, 19, 24, 29, 34, 39, 44, 49])  # the skip-5 grid
+    assert torch.equal(pair_weights(sched, points, "uniform"), torch.ones(10))
+    w = pair_weights(sched, points, "ict")
+    # Mean 1; falling with the noise level past the anchor pair (sigma(t_0) > 0 already,
+    # so the anchor pair spans more sigma than the next one); the top pair all but ignored.
+    assert abs(float(w.mean()) - 1) < 1e-5 and bool((w[2:] < w[1:-1]).all())
+    assert float(w[-1]) < 0.01 * float(w[0])
+    ab = sched.alpha_bar(points).double()
+    sig = ((1 - ab) / ab).sqrt()
+    assert torch.allclose(w[0] / w[1], ((sig[2] - sig[1]) / (sig[1] - sig[0])).float())
+    with pytest.raises(ConfigError, match="--weighting"):
+        distill_steps(teacher, tmp_path / "bad", method="consistency", skip=5,
+                      weighting="snr", progress=False)
+    out = tmp_path / "ict"
+    distill_steps(teacher, out, steps=1, method="consistency", skip=5, weighting="ict",
+                  minutes=0, progress=False, overrides=["train.max_steps=2"])
+    assert read_lineage(out)[-1]["weighting"] == "ict"

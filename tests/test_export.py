@@ -101,7 +101,7 @@ def test_int8_export_is_calibrated_close_and_smaller(exported, tmp_path):
     (entry,) = read_lineage(tmp_path / "int8")
     assert entry["int8"].startswith("static")
     assert generate(load_run(tmp_path / "int8", device="cpu"), 2, steps=2, seed=0).shape == (2, 1, 16, 16)
-    with pytest.raises(ConfigError, match="choose onnx or openvino"):
+    with pytest.raises(ConfigError, match="choose onnx, openvino, auto"):
         export_run(run, tmp_path / "x", fmt="tensorrt")
 
 
@@ -184,3 +184,78 @@ def test_fp16_graph_is_half_the_bytes_close_to_fp32_and_samples(exported, tmp_pa
     assert r.exit_code != 0 and "choose one" in r.output  # the flag reaches export_run
     with pytest.raises(ConfigError, match="--format onnx --fp16"):
         export_run(run, tmp_path / "z", fmt="openvino", fp16=True)
+
+
+# ------------------------------------------------------------------ --format auto
+
+def test_auto_picks_the_fastest_engine_within_tolerance_from_given_timings(exported, tmp_path):
+    """With the timings given, the choice is the fastest candidate within tolerance: a
+    faster one over the tolerance loses; every candidate tried is in the report."""
+    from effusion.optimize.export import choose_engine, export_auto
+
+    run, _, _ = exported
+    names = ["eager fp32", "eager bf16", "onnxruntime fp32", "onnxruntime int8",
+             "openvino fp32", "openvino int8"]
+    ms = {n: {"1": 5.0, "8": 5.0, "256": 100.0 - 10 * i} for i, n in enumerate(names)}
+    ms["onnxruntime fp32"]["256"] = 1.0  # the fastest given
+    out = tmp_path / "auto"
+    r = export_auto(run, out, repeats=1, calib_batches=2, given_ms=ms)
+    tried = {c["name"]: c for c in r["candidates"]}
+    assert set(tried) == set(names)
+    assert tried["eager fp32"]["error"] == 0.0 and r["timings"] == "given"
+    assert r["chosen"] == "onnxruntime fp32"
+    assert tried["onnxruntime fp32"]["error"] < 1e-5
+    (entry,) = read_lineage(out)
+    assert entry["pass"] == "export" and entry["engine"] == "onnxruntime" and entry["auto"]
+    assert isinstance(load_run(out, device="cpu").model, OnnxNetwork)
+    assert json_report(out)["chosen"] == "onnxruntime fp32"
+    # a faster candidate over the tolerance is refused; eager fp32 always qualifies
+    cands = [{"name": "a", "error": 0.0, "latency_ms": {"8": 9.0}},
+             {"name": "b", "error": 0.3, "latency_ms": {"8": 1.0}},
+             {"name": "c", "error": 0.01, "latency_ms": {"8": 4.0}},
+             {"name": "d", "error": None, "skipped": "not installed"}]
+    assert choose_engine(cands, 0.02, 8)["name"] == "c"
+    assert choose_engine(cands, 0.5, 8)["name"] == "b"
+    assert choose_engine(cands, 0.001, 8)["name"] == "a"
+
+
+def json_report(out):
+    import json
+    return json.loads((out / "report.json").read_text())
+
+
+def test_auto_can_choose_eager_and_writes_a_run_of_the_same_checkpoint(exported, tmp_path):
+    from effusion.optimize.export import export_auto
+
+    run, _, _ = exported
+    ms = {n: {"1": 5.0, "8": 5.0, "256": 50.0} for n in
+          ("eager bf16", "onnxruntime fp32", "onnxruntime int8", "openvino fp32", "openvino int8")}
+    ms["eager fp32"] = {"1": 1.0, "8": 1.0, "256": 1.0}
+    out = tmp_path / "auto-eager"
+    r = export_auto(run, out, repeats=1, calib_batches=2, given_ms=ms)
+    assert r["chosen"] == "eager fp32"
+    assert not (out / "model.onnx").exists() and not (out / ".candidates").exists()
+    loaded = load_run(out, device="cpu")
+    assert isinstance(loaded.model, torch.nn.Module) and loaded.precision.mode == "fp32"
+    a = generate(load_run(run, device="cpu", precision="fp32"), 4, steps=3, seed=2)
+    assert torch.equal(generate(loaded, 4, steps=3, seed=2), a)
+    assert read_lineage(out)[-1]["engine"] == "torch"
+
+
+def test_auto_measures_on_this_machine_and_refuses_flags_it_chooses_itself(exported, tmp_path):
+    run, _, _ = exported
+    r = CliRunner().invoke(app, ["optimize", "export", "--run", str(run), "--out",
+                                 str(tmp_path / "m"), "--format", "auto", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+    rep = json.loads(r.output)
+    assert rep["timings"] == "measured"
+    timed = [c for c in rep["candidates"] if c.get("error") is not None]
+    assert len(timed) >= 3 and all(set(c["latency_ms"]) == {"1", "8", "256"} for c in timed)
+    best = min((c for c in timed if c["within_tolerance"]), key=lambda c: c["latency_ms"]["256"])
+    assert rep["chosen"] == best["name"]
+    generate(load_run(tmp_path / "m", device="cpu"), 2, steps=2, seed=0)
+    with pytest.raises(ConfigError, match="drop --int8"):
+        export_run(run, tmp_path / "x", "auto", int8=True)
+    with pytest.raises(ConfigError, match="auto"):
+        export_run(run, tmp_path / "y", "tensorrt")

@@ -550,7 +550,8 @@ app.add_typer(optimize_app, name="optimize")
 def optimize_export(
     run: Path = typer.Option(..., "--run", help="Diffusion run directory."),
     out: Path = typer.Option(..., "--out", help="New run directory for the exported model."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx (the graph run by ONNX Runtime) | openvino (the same graph run by OpenVINO)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (the graph run by ONNX Runtime) | openvino (the same graph run by OpenVINO) | auto (time eager bf16/fp32, ONNX Runtime and OpenVINO fp32/int8 here; keep the fastest within --tolerance)."),
+    tolerance: float = typer.Option(0.02, "--tolerance", help="auto: the largest relative RMS error of the network output against eager fp32 a candidate may have."),
     int8: bool = typer.Option(False, "--int8", help="Static int8 quantization, calibrated on noisy real inputs across timesteps (onnx: ONNX Runtime's QDQ tooling; openvino: NNCF post-training quantization)."),
     calib_batches: int = typer.Option(16, "--calib-batches", help="Calibration batches of 16 (with --int8)."),
     fp16: bool = typer.Option(False, "--fp16", help="onnx: an fp16 graph (fp32 inputs and output) for ONNX Runtime on CUDA, with TensorRT's execution provider where installed; CPUs run it, slowly."),
@@ -558,11 +559,27 @@ def optimize_export(
 ) -> None:
     """Export the U-Net (EMA weights, fp32) and check it against the eager model; `sample`
     and `evaluate` take the new run directory like any other."""
-    from effusion.optimize.export import export_run
+    from effusion.optimize.export import AUTO, export_auto, export_run
 
-    r = export_run(run, out, fmt, int8=int8, calib_batches=calib_batches, fp16=fp16)
+    if fmt == AUTO and not (int8 or fp16):
+        r = export_auto(run, out, tolerance=tolerance, calib_batches=calib_batches)
+    else:
+        r = export_run(run, out, fmt, int8=int8, calib_batches=calib_batches, fp16=fp16)
     if as_json:
         emit_json(r)
+        return
+    if fmt == AUTO:
+        b = str(r["chosen_at_batch"])
+        typer.echo(f"| engine | relative error | batch 1 ms | batch {b} ms | |\n|---|---|---|---|---|")
+        for c in r["candidates"]:
+            if c.get("error") is None:
+                typer.echo(f"| {c['name']} | | | | skipped: {c.get('skipped', '')} |")
+                continue
+            mark = "chosen" if c["name"] == r["chosen"] else (
+                "" if c["within_tolerance"] else f"over --tolerance {r['tolerance']}")
+            typer.echo(f"| {c['name']} | {c['error']:.2e} | {c['latency_ms']['1']:.1f} | "
+                       f"{c['latency_ms'][b]:.1f} | {mark} |")
+        typer.echo(f"wrote {out} with {r['chosen']} (the fastest at batch {b} within tolerance)")
         return
     typer.echo(f"exported {run} -> {out / 'model.onnx'} ({r['bytes']:,} bytes); max abs "
                f"difference to eager fp32: {r['max_abs_diff_fp32']:.2e}")
@@ -661,6 +678,7 @@ def optimize_distill_steps(
     guidance_range: str = typer.Option("1,3", "--guidance-range", help="Weights a guided student learns, lo,hi."),
     method: str = typer.Option("progressive", "--method", help="progressive (halving rounds) | consistency (one consistency-distillation run; any step count after)."),
     skip: int = typer.Option(25, "--skip", help="consistency: timesteps per teacher DDIM step on the distillation grid."),
+    weighting: str = typer.Option("uniform", "--weighting", help="consistency: pair weights, uniform | ict (1/(sigma_{n+1}-sigma_n), Song & Dhariwal 2023)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. train.lr=1e-4."),
     resume: bool = typer.Option(False, "--resume", help="Skip finished rounds, resume the current one."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the student's old checkpoints first."),
@@ -674,7 +692,8 @@ def optimize_distill_steps(
 
     result = distill_steps(run, out, steps=steps, from_steps=from_steps, minutes=minutes,
                            guidance_range=_pair(guidance_range, "--guidance-range"),
-                           method=method, skip=skip, overrides=set_, resume=resume,
+                           method=method, skip=skip, weighting=weighting, overrides=set_,
+                           resume=resume,
                            fresh=fresh, progress=not quiet)
     _distilled(result, out)
     sampler = "the consistency sampler" if method == "consistency" else "DDIM"
@@ -912,14 +931,14 @@ def import_diffusers_cmd(
 def export_cmd(
     run: Path = typer.Option(..., "--run", help="Diffusion run directory."),
     out: Path = typer.Option(..., "--out", help="New folder (diffusers) or run directory (onnx, openvino)."),
-    fmt: str = typer.Option(..., "--format", help="diffusers (UNet2DModel + DDIMScheduler folder) | onnx | openvino (as `effusion optimize export`)."),
+    fmt: str = typer.Option(..., "--format", help="diffusers (UNet2DModel + DDIMScheduler folder) | onnx | openvino | auto (as `effusion optimize export`)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """Export a run: as a diffusers folder, or as an ONNX / OpenVINO run (see `effusion
     optimize export` for int8 and fp16)."""
     if fmt != "diffusers":
-        return optimize_export(run=run, out=out, fmt=fmt, int8=False, calib_batches=16,
-                               fp16=False, as_json=as_json)
+        return optimize_export(run=run, out=out, fmt=fmt, tolerance=0.02, int8=False,
+                               calib_batches=16, fp16=False, as_json=as_json)
     from effusion.interop.diffusers import export_diffusers
 
     r = export_diffusers(run, out)

@@ -24,6 +24,7 @@ import importlib.util
 import io
 import logging
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,19 @@ from effusion.config import ConfigError
 from effusion.data import to_model_range
 from effusion.models.exported import ONNX_HINT, import_onnxruntime, import_openvino, load_graph
 from effusion.optimize.timing import latency_ms
-from effusion.runs import CheckpointError, LoadedRun, load_run, read_lineage, write_config, write_json
+from effusion.runs import (CheckpointError, LoadedRun, latest_checkpoint, load_run, read_lineage,
+                          write_config, write_json)
 from effusion.runs.files import ONNX_MODEL, OPENVINO_INT8, REPORT
 from effusion.train.loop import load_training_data
 
 FORMATS = {"onnx": "onnxruntime", "openvino": "openvino"}  # --format: the engine that runs it
+AUTO = "auto"  # --format auto: time every engine here, keep the fastest within the tolerance
+# --format auto's tolerance: the relative RMS error of a candidate's output against eager
+# fp32 on a fixed batch, ||out - ref|| / ||ref||. bf16 eager, the default on CPUs with
+# native bf16, sits near 0.5% on the digits runs; 2% admits it and int8 graphs that stay
+# as close, and refuses int8 graphs that drift further (measured in the report).
+AUTO_TOLERANCE = 0.02
+AUTO_BATCHES = (1, 8, 256)  # one image (serving), a small batch, `sample`'s batch
 FP32_TMP = "model-fp32.onnx.tmp"  # the graph before int8 quantization (removed after)
 NNCF_HINT = ("OpenVINO int8 (NNCF post-training quantization) needs nncf: "
              "pip install 'effusion[openvino]'")
@@ -200,8 +209,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
     `fp16` (ONNX): an fp16 graph for GPUs (ONNX Runtime's CUDA or TensorRT execution
     provider); it runs on CPUs too, but CPUs have no fast fp16 arithmetic (the report
     times it against the fp32 graph on this machine)."""
+    if fmt == AUTO:
+        if fp16 or int8:
+            raise ConfigError("--format auto tries fp32 and int8 engines itself: drop --int8 "
+                              "and --fp16")
+        return export_auto(run_dir, out_dir, repeats=repeats, calib_batches=calib_batches)
     if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
+        raise ConfigError(f"--format {fmt!r}: choose {', '.join([*FORMATS, AUTO])}")
     if fp16 and int8:
         raise ConfigError("--fp16 and --int8 are two different graphs: choose one")
     if fp16 and fmt != "onnx":
@@ -272,3 +286,163 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
 def _graph_bytes(path: Path) -> int:
     """Size on disk of a graph: an ONNX file, or an OpenVINO IR (.xml and its .bin)."""
     return sum(p.stat().st_size for p in (path, path.with_suffix(".bin")) if p.is_file())
+
+
+class _Autocast(nn.Module):
+    """An eager network under autocast at `dtype`, fp32 in and out."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast("cpu", dtype=self.dtype):
+            return self.model(*args, **kwargs).float()
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| over the whole batch (--format auto's tolerance measure)."""
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12))
+
+
+def choose_engine(candidates: list[dict[str, Any]], tolerance: float, batch: int
+                  ) -> dict[str, Any]:
+    """The fastest candidate at `batch` whose `error` is within `tolerance` (each has
+    `name`, `error` and `latency_ms` by batch); eager fp32, error 0, always qualifies."""
+    ok = [c for c in candidates if c.get("error") is not None and c["error"] <= tolerance
+          and str(batch) in c.get("latency_ms", {})]
+    if not ok:
+        raise ConfigError(f"no engine stays within --tolerance {tolerance} of eager fp32")
+    return min(ok, key=lambda c: c["latency_ms"][str(batch)])
+
+
+def export_auto(run_dir: str | Path, out_dir: str | Path, *, tolerance: float = AUTO_TOLERANCE,
+                repeats: int = 5, calib_batches: int = 16,
+                batches: tuple[int, ...] = AUTO_BATCHES,
+                given_ms: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    """`--format auto`: build every engine this machine has for the run (eager fp32 and,
+    where the CPU has native bf16, eager bf16; ONNX Runtime fp32 and int8; OpenVINO fp32
+    and int8 when installed), check each against eager fp32 on a fixed batch, time each at
+    `batches`, and write `out_dir` with the fastest at the largest batch (the one `sample`
+    uses) among those within `tolerance`. An eager winner is written as a run of the same
+    checkpoint at that precision. `report.json` records every candidate: its error, its
+    latencies, why any was left out, and the choice. `given_ms` (name -> batch -> ms)
+    replaces measured latencies, for tests and for choosing on another machine's figures."""
+    import shutil
+
+    from effusion.precision import bf16_supported
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if out.resolve() == run_dir.resolve():
+        raise CheckpointError("the exported run needs its own directory (--out)")
+    if not 0 < tolerance:
+        raise ConfigError(f"--tolerance must be > 0, got {tolerance}")
+    src = load_run(run_dir, device="cpu", precision="fp32")
+    if not isinstance(src.model, nn.Module):
+        raise CheckpointError(f"{run_dir} is already an exported run")
+    model = src.model.float().to(memory_format=torch.contiguous_format).eval()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose another --out")
+    work = out / ".candidates"
+    work.mkdir(parents=True, exist_ok=True)
+    check = example_inputs(src, 8, seed=1)
+    kw = {"w": check[3]} if len(check) == 4 else {}
+    with torch.no_grad():
+        ref = model(*check[:3], **kw)
+    candidates: list[dict[str, Any]] = []
+
+    def add(name: str, make) -> None:
+        entry: dict[str, Any] = {"name": name}
+        candidates.append(entry)
+        try:
+            net = make()
+        except (ConfigError, ImportError, RuntimeError) as e:  # an engine this machine lacks
+            entry.update(error=None, skipped=str(e).splitlines()[0][:300])
+            return
+        with torch.no_grad():
+            entry["error"] = relative_error(net(*check[:3], **kw), ref)
+        entry["latency_ms"] = {}
+        for b in batches:
+            if given_ms and name in given_ms:
+                entry["latency_ms"][str(b)] = float(given_ms[name][str(b)])
+            else:
+                entry["latency_ms"][str(b)] = latency_ms(net, *example_inputs(src, b),
+                                                         repeats=repeats)
+        entry["net"] = net
+
+    onnx32 = work / ONNX_MODEL
+    add("eager fp32", lambda: model)
+    if bf16_supported(torch.device("cpu")):
+        add("eager bf16", lambda: _Autocast(model, torch.bfloat16))
+    else:
+        candidates.append({"name": "eager bf16", "error": None,
+                           "skipped": "this CPU has no native bf16 (emulated bf16 is slower "
+                                      "than fp32)"})
+
+    def onnx_fp32():
+        import_onnxruntime()
+        export_onnx(model, example_inputs(src, 2), onnx32)
+        return load_graph(onnx32, "onnxruntime")
+
+    add("onnxruntime fp32", onnx_fp32)
+    have_onnx = onnx32.is_file()
+    feeds = calibration_feeds(src, calib_batches) if have_onnx else []
+
+    def onnx_int8():
+        (work / "ort-int8").mkdir(exist_ok=True)
+        return load_graph(quantize_onnx_int8(onnx32, work / "ort-int8" / ONNX_MODEL, feeds),
+                          "onnxruntime")
+
+    def ov(int8: bool):
+        def make():
+            if not have_onnx:
+                raise ConfigError("needs the ONNX graph, which could not be made")
+            import_openvino()
+            if not int8:
+                return load_graph(onnx32, "openvino")
+            if importlib.util.find_spec("nncf") is None:
+                raise ConfigError(NNCF_HINT)
+            return load_graph(quantize_openvino_int8(onnx32, work / OPENVINO_INT8, feeds),
+                              "openvino")
+        return make
+
+    if have_onnx:
+        add("onnxruntime int8", onnx_int8)
+    add("openvino fp32", ov(False))
+    add("openvino int8", ov(True))
+    chosen = choose_engine(candidates, tolerance, max(batches))
+    name = chosen["name"]
+    lineage_entry: dict[str, Any] = {"pass": "export", "base": str(run_dir.resolve()),
+                                     "step": src.step, "auto": True}
+    cfg = src.config
+    if name.startswith("eager"):
+        precision = name.split()[1]
+        ckpt = latest_checkpoint(run_dir)
+        shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
+        cfg = replace(cfg, train=replace(cfg.train, precision=precision))
+        lineage_entry.update(format="checkpoint", engine="torch", precision=precision)
+    else:
+        engine = "openvino" if name.startswith("openvino") else "onnxruntime"
+        shutil.copy2(onnx32, out / ONNX_MODEL)  # OpenVINO int8 keeps it as the portable graph
+        if name == "onnxruntime int8":
+            shutil.copy2(work / "ort-int8" / ONNX_MODEL, out / ONNX_MODEL)
+        if name == "openvino int8":
+            for suffix in (".xml", ".bin"):
+                shutil.copy2((work / OPENVINO_INT8).with_suffix(suffix),
+                             (out / OPENVINO_INT8).with_suffix(suffix))
+        lineage_entry.update(format="onnx", engine=engine)
+        if name.endswith("int8"):
+            lineage_entry["int8"] = "static, calibrated"
+    shutil.rmtree(work)
+    write_config(out, cfg, read_lineage(run_dir) + [lineage_entry])
+    report = {"source": str(run_dir), "format": AUTO, "chosen": name, "tolerance": tolerance,
+              "tolerance_measure": "relative RMS error of the network output against eager "
+                                   "fp32 on a fixed batch of 8",
+              "chosen_at_batch": max(batches), "threads": torch.get_num_threads(),
+              "timings": "given" if given_ms else "measured",
+              "candidates": [{k: v for k, v in c.items() if k != "net"} for c in candidates]}
+    for c in report["candidates"]:
+        if c.get("error") is not None:
+            c["within_tolerance"] = c["error"] <= tolerance
+    write_json(out / REPORT, report)
+    return report

@@ -186,16 +186,23 @@ class ConsistencyTask(DistillTask):
 
     Choices, and why: the target network is the student itself under stop-gradient (iCT
     found an EMA target biases the fixed point and slows training); the distance is iCT's
-    pseudo-Huber in x0 space, c = 0.00054 sqrt(d); pairs are drawn uniformly."""
+    pseudo-Huber in x0 space, c = 0.00054 sqrt(d); pairs are drawn uniformly. Each pair's
+    loss is weighted `weighting="uniform"` (1, Song et al. 2023) or `"ict"`: iCT's
+    lambda(sigma_n) = 1 / (sigma_{n+1} - sigma_n), in the noise levels sigma = sqrt((1 -
+    abar) / abar) of the pair's ends, normalised to mean 1 over the grid, which puts the
+    weight on the low-noise pairs whose targets are closest to the data."""
+
+    WEIGHTINGS = ("uniform", "ict")
 
     def __init__(self, ctx: TaskContext, teacher: Teacher, w_range: tuple[float, float] | None,
-                 skip: int, vae=None):
+                 skip: int, vae=None, weighting: str = "uniform"):
         super().__init__(ctx, teacher, w_range, vae=vae)
         T = self.schedule.T
         if skip < 1 or T % skip:
             raise ConfigError(f"--skip must divide the run's {T} timesteps, got {skip}")
         # ascending: -1 (data), skip-1, 2*skip-1, ..., T-1 (the trailing grid of T/skip steps)
         self.points = torch.tensor([-1] + timesteps(self.schedule, T // skip, "trailing")[::-1])
+        self.pair_weights = pair_weights(self.schedule, self.points, weighting)
 
     def loss(self, model: Any, x0: torch.Tensor, labels: torch.Tensor | None,
              gen: torch.Generator) -> torch.Tensor:
@@ -219,7 +226,22 @@ class ConsistencyTask(DistillTask):
         d = at_s[0].numel()
         c = 0.00054 * d ** 0.5
         dist = ((at_s - at_r.detach()) ** 2).flatten(1).sum(1)
-        return ((dist + c * c).sqrt() - c).mean()
+        return (((dist + c * c).sqrt() - c) * self.pair_weights[n - 1].to(dev)).mean()
+
+
+def pair_weights(schedule, points: torch.Tensor, weighting: str) -> torch.Tensor:
+    """The loss weight of each consecutive pair (points[n-1], points[n]) of a consistency
+    grid (see `ConsistencyTask`): all 1, or iCT's 1 / (sigma_n - sigma_{n-1}) with mean 1."""
+    if weighting not in ConsistencyTask.WEIGHTINGS:
+        raise ConfigError(f"--weighting must be one of {', '.join(ConsistencyTask.WEIGHTINGS)}, "
+                          f"got {weighting!r}")
+    pairs = len(points) - 1
+    if weighting == "uniform":
+        return torch.ones(pairs)
+    ab = schedule.alpha_bar(points).double()
+    sigma = ((1 - ab) / ab).sqrt()  # 0 at the data (t = -1)
+    w = 1 / (sigma[1:] - sigma[:-1])
+    return (w / w.mean()).float()
 
 
 class StudentRecipe(DiffusionRecipe):
@@ -386,7 +408,7 @@ def _step_student_config(tc: Config, w_range: tuple[float, float] | None, minute
 def distill_steps(run_dir: str | Path, out_dir: str | Path, *, steps: int = 4,
                   from_steps: int = 32, minutes: float = 10.0,
                   guidance_range: tuple[float, float] = (1.0, 3.0),
-                  method: str = "progressive", skip: int = 25,
+                  method: str = "progressive", skip: int = 25, weighting: str = "uniform",
                   overrides: list[str] | None = None, resume: bool = False,
                   fresh: bool = False, progress: bool = True) -> TrainResult:
     """Progressive distillation from `from_steps` DDIM steps down to `steps`, halving each
@@ -408,7 +430,8 @@ def distill_steps(run_dir: str | Path, out_dir: str | Path, *, steps: int = 4,
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "consistency":
-        return _distill_consistency(run_dir, out_dir, steps=steps, skip=skip, minutes=minutes,
+        return _distill_consistency(run_dir, out_dir, steps=steps, skip=skip, weighting=weighting,
+                                    minutes=minutes,
                                     guidance_range=guidance_range, overrides=overrides,
                                     resume=resume, fresh=fresh, progress=progress)
     if steps < 1 or from_steps <= steps or from_steps % steps or (from_steps // steps) & (
@@ -463,12 +486,15 @@ def distill_steps(run_dir: str | Path, out_dir: str | Path, *, steps: int = 4,
     return result
 
 
-def _distill_consistency(run_dir: Path, out_dir: Path, *, steps: int, skip: int,
+def _distill_consistency(run_dir: Path, out_dir: Path, *, steps: int, skip: int, weighting: str,
                          minutes: float, guidance_range: tuple[float, float],
                          overrides: list[str] | None, resume: bool, fresh: bool,
                          progress: bool) -> TrainResult:
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if weighting not in ConsistencyTask.WEIGHTINGS:  # before anything is written
+        raise ConfigError(f"--weighting must be one of {', '.join(ConsistencyTask.WEIGHTINGS)}, "
+                          f"got {weighting!r}")
     if (out_dir / ROUNDS_FILE).is_file():
         if not fresh:
             raise CheckpointError(f"{out_dir} holds a progressive student ({ROUNDS_FILE}); "
@@ -482,9 +508,11 @@ def _distill_consistency(run_dir: Path, out_dir: Path, *, steps: int, skip: int,
                                sampler="consistency", steps=steps, cache_interval=1)
     t = Teacher(base)
     recipe = StudentRecipe(from_teacher(base.model),
-                           lambda ctx, vae: ConsistencyTask(ctx, t, w_range, skip, vae=vae))
+                           lambda ctx, vae: ConsistencyTask(ctx, t, w_range, skip, vae=vae,
+                                                            weighting=weighting))
     lineage = _lineage(base, run_dir, {"pass": "distill-steps", "method": "consistency",
-                                       "steps": steps, "skip": skip, "minutes": minutes,
+                                       "steps": steps, "skip": skip, "weighting": weighting,
+                                       "minutes": minutes,
                                        **({"guidance_range": list(w_range)} if w_range else {})})
     return run_loop(cfg, out_dir, recipe, resume=resume, fresh=fresh, progress=progress,
                     lineage=lineage)

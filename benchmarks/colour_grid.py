@@ -1,6 +1,6 @@
 """docs/colour-default.png: 64 real images beside 64 samples of a run on the same source.
 
-    python benchmarks/colour_grid.py runs/colour/icons-default "default, 11 min, 1,767 steps" docs/colour-default.png
+    python benchmarks/colour_grid.py runs/colour/icons-default "default, 11 min, 2,746 steps" docs/colour-default.png
 
 The samples are an even spread over the run's classes (seed 0); each real image beside
 them is drawn from the class its sample was asked for, so a person compares like with like.

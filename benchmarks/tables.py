@@ -83,6 +83,114 @@ def colour_recipe() -> str:
     return "\n".join(out) + "\n\n" + provenance(path, d, cmd)
 
 
+def _batches(sizes: dict[str, int]) -> str:
+    """{'<=1.0': 4, '<=64.0': 2} -> '2x≤1, 4x≤64' (ascending bucket)."""
+    items = sorted(((float(k.lstrip("<=")), v) for k, v in sizes.items()))
+    return ", ".join(f"{v}x≤{b:g}" for b, v in items)
+
+
+def serve_load(files: list[tuple[str, list[str]]], bullets: tuple[str, ...]) -> Callable[[], str]:
+    """The load tables of docs/serving.md: `files` = (JSON name, a label per run in it);
+    rows by run, then server mode, then clients; the in-process rates of the JSONs named in
+    `bullets` go above the table."""
+    def render() -> str:
+        head, rows, notes = [], [], []
+        for name, labels in files:
+            path = RESULTS / f"{name}.json"
+            d = json.loads(path.read_text())
+            for label, run in zip(labels, d["runs"]):
+                ip = run["in_process_images_per_s"]
+                if name in bullets:
+                    head.append(f"- In-process sampler, {label}, images/s at batch 1 / 8 / 32: "
+                                f"**{ip['1']:.2f} / {ip['8']:.2f} / {ip['32']:.2f}**.")
+                for mode, server in (("dynamic", "dynamic"), ("max_batch_1", "`--max-batch 1`")):
+                    for lv in run[mode]:
+                        errors = sum(n for code, n in lv["status"].items() if code != "200")
+                        rows.append(f"| {label} | {server} | {lv['clients']} | "
+                                    f"{lv['images_per_s']:.2f} | {lv['p50_ms']:.0f} | "
+                                    f"{lv['p95_ms']:.0f} | {lv['p99_ms']:.0f} | "
+                                    f"{_batches(lv['batch_sizes'])} | {errors} |")
+            notes.append(provenance(path, d, "python " + d["command"].split(" --json")[0]))
+        table = ["| run | server | clients | images/s | p50 ms | p95 ms | p99 ms | "
+                 "batches (count x size bucket) | errors |", "|---|---|---|---|---|---|---|---|---|"]
+        return "\n".join((head + [""] if head else []) + table + rows) + "\n\n" + "\n\n".join(notes)
+    return render
+
+
+BUCKET_ARMS = {"bucket": ("buckets (`data.buckets=auto`: 24x24, 16x32, 32x16)", "one bucket, whole images"),
+               "pad": ("pad to the largest bucket (32x32, letterboxed)", "mixed, whole images + black bars"),
+               "crop": ("centre-crop to 24x24 (the square pipeline)",
+                        "mixed, {cut} of the pixels cut away")}
+
+
+def bucketing() -> str:
+    path = RESULTS / "bucketing.json"
+    d = json.loads(path.read_text())
+    cut = d["crop_cuts_share_of_pixels"]
+    out = ["| arm | what a batch holds | images/s | step memory | steps | FID vs its own view |",
+           "|---|---|---|---|---|---|"]
+    for name, (arm, holds) in BUCKET_ARMS.items():
+        r = d["arms"][name]
+        holds = holds.format(cut="a third" if abs(cut - 1 / 3) < 0.01 else f"{cut:.0%}")
+        out.append(f"| {arm} | {holds} | {r['images_per_s']:.0f} | {r['step_peak_MiB']:.0f} MiB | "
+                   f"{r['steps']} | {r['fid']:.1f} |")
+    v = d["bucket_vs_pad"]
+    out += ["", f"Buckets against padding: **{v['speed']:+.0%} images/s and "
+            f"{v['step_memory_saved']:.0%} less step memory** (quoted: {v['quoted']})."]
+    return "\n".join(out) + "\n\n" + provenance(path, d)
+
+
+def projection() -> str:
+    path = RESULTS / "distributed.json"
+    d = json.loads(path.read_text())
+    p = d["projection"]
+    out = ["| GPUs | all-reduce | speed-up | per-rank RNG of the global batch (measured on this CPU) "
+           "| speed-up with it |", "|---|---|---|---|---|"]
+    for r in p["rows"]:
+        out.append(f"| {r['gpus']} | {r['allreduce_ms']:.2f} ms | {r['speedup_comm_exposed']:.1f}x | "
+                   f"{r['extra_rng_ms_per_step']:.0f} ms | {r['speedup_with_exact_rng']:.1f}x |")
+    note = (f"*{p['label']}: step {p['step_s'] * 1000:.0f} ms, {p['model_params'] / 1e6:.2f}M "
+            f"parameters; from `{path.relative_to(ROOT)}`; `python {d['command']}`; the RNG "
+            f"column measured on {d['machine']}.*")
+    return "\n".join(out) + "\n\n" + note
+
+
+def guidance_sweep_demo() -> str:
+    path = RESULTS / "guidance_sweep_demo.json"
+    d = json.loads(path.read_text())
+    names = {0.0: "0 (unconditional branch)", 1.0: "1 (conditional)", 1.5: "**1.5 (default)**"}
+    best = min(d["sweep"], key=lambda r: r["fid"])
+    out = ["| guidance w | class accuracy ↑ | FID ↓ | KID ↓ | precision ↑ | recall ↑ | coverage ↑ |",
+           "|---|---|---|---|---|---|---|"]
+    for r in d["sweep"] + [dict(d["real_floor"], guidance=None)]:
+        w = r["guidance"]
+        label = "real floor" if w is None else names.get(w, f"{w:g}")
+        acc = f"{r['class_accuracy']:.3f}"
+        fid = f"{r['fid']:.1f}"
+        out.append(f"| {label} | {'**' + acc + '**' if w == 1.5 else acc} | "
+                   f"{'**' + fid + '**' if r is best else fid} | {r['kid']:.0f} | "
+                   f"{r['precision']:.3f} | {r['recall']:.3f} | {r['coverage']:.3f} |")
+    cmd = (f"effusion evaluate --run {d['run']} --guidance-sweep "
+           + ",".join(f"{r['guidance']:g}" for r in d["sweep"]))
+    return "\n".join(out) + "\n\n" + provenance(path, d, cmd) + (
+        f" *(run at step {d['step']}, {d['n']:,} samples per weight, seed {d['seed']}.)*")
+
+
+def crash_resume() -> str:
+    path = RESULTS / "crash_resume.json"
+    d = json.loads(path.read_text())
+    diff = d["max_abs_diff"]
+    out = ["| kills | of them during a checkpoint write | resumes that succeeded | max abs diff: "
+           "model | EMA | optimizer state | logged losses |", "|---|---|---|---|---|---|---|",
+           f"| {d['kills']} | {d['killed_during_checkpoint_write']} | {d['resumes_succeeded']}/"
+           f"{d['resumes_attempted']} | {diff['model']} | {diff['ema']} | {diff['optimizer']} | "
+           f"{d['max_abs_loss_diff']} |", "",
+           f"(optimizer `{d['optimizer']}`, {d['steps']} steps; the uninterrupted run took "
+           f"{d['reference_seconds']:.1f} s including process start.)"]
+    cmd = f"python benchmarks/crash_resume.py --kills {d['kills']} --steps {d['steps']}"
+    return "\n".join(out) + "\n\n" + provenance(path, d, cmd)
+
+
 def feature_ranking(source: str) -> Callable[[], str]:
     def render() -> str:
         path = RESULTS / "feature_ranking.json"
@@ -225,6 +333,14 @@ TABLES: dict[str, Callable[[], str]] = {
     "diffusers_interop:effusion_recipe": diffusers_interop("diffusers_interop_effusion_recipe"),
     "recipe_default": recipe_default,
     "few_step": few_step,
+    "serve_load": serve_load([("serve_load", ["digits", "4-step"])], bullets=("serve_load",)),
+    "serve_load:h200": serve_load([("serve_load_h200", ["digits, eager"]),
+                                   ("serve_load_h200_compile", ["digits, `--compile`"])],
+                                  bullets=("serve_load_h200",)),
+    "crash_resume": crash_resume,
+    "guidance_sweep_demo": guidance_sweep_demo,
+    "distributed:projection": projection,
+    "bucketing": bucketing,
     "headline": headline("docs/"),
     "headline:site": headline(""),
 }

@@ -559,12 +559,10 @@ def optimize_export(
 ) -> None:
     """Export the U-Net (EMA weights, fp32) and check it against the eager model; `sample`
     and `evaluate` take the new run directory like any other."""
-    from effusion.optimize.export import AUTO, export_auto, export_run
+    from effusion.optimize.export import AUTO, export_run
 
-    if fmt == AUTO and not (int8 or fp16):
-        r = export_auto(run, out, tolerance=tolerance, calib_batches=calib_batches)
-    else:
-        r = export_run(run, out, fmt, int8=int8, calib_batches=calib_batches, fp16=fp16)
+    r = export_run(run, out, fmt, int8=int8, calib_batches=calib_batches, fp16=fp16,
+                   tolerance=tolerance)
     if as_json:
         emit_json(r)
         return

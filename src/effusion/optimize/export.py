@@ -203,8 +203,9 @@ def quantize_openvino_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarra
 
 def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
                repeats: int = 10, int8: bool = False, calib_batches: int = 16,
-               fp16: bool = False) -> dict[str, Any]:
+               fp16: bool = False, tolerance: float = AUTO_TOLERANCE) -> dict[str, Any]:
     """Export a diffusion run and write `out_dir` as a run directory; returns the report.
+    `fmt="auto"`: `export_auto` at `tolerance`.
     `int8`: quantize the graph statically, calibrated on `calib_batches` batches of 16.
     `fp16` (ONNX): an fp16 graph for GPUs (ONNX Runtime's CUDA or TensorRT execution
     provider); it runs on CPUs too, but CPUs have no fast fp16 arithmetic (the report
@@ -213,7 +214,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
         if fp16 or int8:
             raise ConfigError("--format auto tries fp32 and int8 engines itself: drop --int8 "
                               "and --fp16")
-        return export_auto(run_dir, out_dir, repeats=repeats, calib_batches=calib_batches)
+        return export_auto(run_dir, out_dir, tolerance=tolerance, repeats=repeats,
+                           calib_batches=calib_batches)
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: choose {', '.join([*FORMATS, AUTO])}")
     if fp16 and int8:
@@ -368,7 +370,6 @@ def export_auto(run_dir: str | Path, out_dir: str | Path, *, tolerance: float = 
             else:
                 entry["latency_ms"][str(b)] = latency_ms(net, *example_inputs(src, b),
                                                          repeats=repeats)
-        entry["net"] = net
 
     onnx32 = work / ONNX_MODEL
     add("eager fp32", lambda: model)
@@ -440,7 +441,7 @@ def export_auto(run_dir: str | Path, out_dir: str | Path, *, tolerance: float = 
                                    "fp32 on a fixed batch of 8",
               "chosen_at_batch": max(batches), "threads": torch.get_num_threads(),
               "timings": "given" if given_ms else "measured",
-              "candidates": [{k: v for k, v in c.items() if k != "net"} for c in candidates]}
+              "candidates": candidates}
     for c in report["candidates"]:
         if c.get("error") is not None:
             c["within_tolerance"] = c["error"] <= tolerance

@@ -229,12 +229,16 @@ class ConsistencyTask(DistillTask):
         return (((dist + c * c).sqrt() - c) * self.pair_weights[n - 1].to(dev)).mean()
 
 
-def pair_weights(schedule, points: torch.Tensor, weighting: str) -> torch.Tensor:
-    """The loss weight of each consecutive pair (points[n-1], points[n]) of a consistency
-    grid (see `ConsistencyTask`): all 1, or iCT's 1 / (sigma_n - sigma_{n-1}) with mean 1."""
+def _check_weighting(weighting: str) -> None:
     if weighting not in ConsistencyTask.WEIGHTINGS:
         raise ConfigError(f"--weighting must be one of {', '.join(ConsistencyTask.WEIGHTINGS)}, "
                           f"got {weighting!r}")
+
+
+def pair_weights(schedule, points: torch.Tensor, weighting: str) -> torch.Tensor:
+    """The loss weight of each consecutive pair (points[n-1], points[n]) of a consistency
+    grid (see `ConsistencyTask`): all 1, or iCT's 1 / (sigma_n - sigma_{n-1}) with mean 1."""
+    _check_weighting(weighting)
     pairs = len(points) - 1
     if weighting == "uniform":
         return torch.ones(pairs)
@@ -492,9 +496,7 @@ def _distill_consistency(run_dir: Path, out_dir: Path, *, steps: int, skip: int,
                          progress: bool) -> TrainResult:
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
-    if weighting not in ConsistencyTask.WEIGHTINGS:  # before anything is written
-        raise ConfigError(f"--weighting must be one of {', '.join(ConsistencyTask.WEIGHTINGS)}, "
-                          f"got {weighting!r}")
+    _check_weighting(weighting)  # before anything is written
     if (out_dir / ROUNDS_FILE).is_file():
         if not fresh:
             raise CheckpointError(f"{out_dir} holds a progressive student ({ROUNDS_FILE}); "
